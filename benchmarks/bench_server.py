@@ -1,0 +1,241 @@
+"""Server benchmark: cnnserve against a constant-answer gRPC server, a naive unbatched server
+and ONNX Runtime in-process, all measured in the same run on the same LeNet-5-sized model.
+
+    .venv/bin/python benchmarks/bench_server.py [--duration 5] [--scenarios 1x1,32x1,4x16]
+
+Each scenario CxB runs C concurrent callers, each sending batch-B requests back to back for
+``--duration`` seconds, from a separate load-generator process (client and server share the
+machine's cores, as they would on a 2-core host). Prints requests/s, items/s and p50/p99
+latency per target, the ratios the issue's targets are stated in, and the cnnserve server's
+peak resident memory with two models loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lenet_onnx import write_lenet_repository  # noqa: E402
+
+from cnnserve.proto import grpc_service_pb2 as pb  # noqa: E402
+from cnnserve.proto import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Result:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    batch: int
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def items_per_s(self) -> float:
+        return self.rps * self.batch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _request(model: str, batch: int) -> pb.ModelInferRequest:
+    x = np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="input", datatype="FP32", shape=[batch, 1, 28, 28])
+    req.raw_input_contents.append(x.tobytes())
+    return req
+
+
+async def _drive(address: str, model: str, conc: int, batch: int, duration: float) -> Result:
+    request = _request(model, batch)
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await stub.ModelInfer(request, timeout=30)  # warm the connection and the model
+        stop = time.perf_counter() + duration
+
+        async def caller() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    await stub.ModelInfer(request, timeout=30)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(conc)))
+        elapsed = time.perf_counter() - t0
+    lat = np.array(latencies or [float("nan")]) * 1000
+    return Result(len(latencies), elapsed, float(np.percentile(lat, 50)),
+                  float(np.percentile(lat, 99)), batch, errors)
+
+
+def _drive_in_process(args: tuple[str, str, int, int, float], queue: mp.Queue) -> None:  # type: ignore[type-arg]
+    queue.put(asyncio.run(_drive(*args)))
+
+
+def drive(address: str, model: str, conc: int, batch: int, duration: float) -> Result:
+    """Run the load generator in its own process and return what it measured."""
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    proc = ctx.Process(target=_drive_in_process,
+                       args=((address, model, conc, batch, duration), queue))
+    proc.start()
+    result: Result = queue.get(timeout=duration + 120)
+    proc.join()
+    return result
+
+
+def in_process_ort(model_path: Path, batch: int, duration: float) -> Result:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
+    session.run(None, {"input": x})
+    latencies: list[float] = []
+    stop = time.perf_counter() + duration
+    t_start = time.perf_counter()
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        session.run(None, {"input": x})
+        latencies.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t_start
+    lat = np.array(latencies) * 1000
+    return Result(len(latencies), elapsed, float(np.percentile(lat, 50)),
+                  float(np.percentile(lat, 99)), batch, 0)
+
+
+def wait_ready(address: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"server at {address} did not become ready in {timeout}s")
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start(cmd: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--scenarios", default="1x1,32x1,4x16,16x8",
+                        help="comma-separated CONCURRENCYxBATCH list")
+    parser.add_argument("--queue-delay-us", type=int, default=500)
+    args = parser.parse_args()
+    scenarios = [tuple(int(v) for v in s.split("x")) for s in args.scenarios.split(",")]
+
+    tmp = Path(tempfile.mkdtemp(prefix="cnnserve-bench-"))
+    write_lenet_repository(tmp / "repo", ("lenet", "lenet_b"), queue_delay_us=args.queue_delay_us)
+    model_path = tmp / "repo" / "lenet" / "1" / "model.onnx"
+    ports = {name: free_port() for name in ("cnnserve", "constant", "naive")}
+    cnnserve_bin = str(Path(sys.executable).with_name("cnnserve"))
+    procs = {
+        "cnnserve": start([cnnserve_bin, "serve", "--repository", str(tmp / "repo"),
+                           "--host", "127.0.0.1", "--grpc-port", str(ports["cnnserve"]),
+                           "--metrics-port", str(free_port()), "--log-level", "warning"]),
+        "constant": start([sys.executable, str(HERE / "baseline_servers.py"), "constant",
+                           "--port", str(ports["constant"])]),
+        "naive": start([sys.executable, str(HERE / "baseline_servers.py"), "naive",
+                        "--port", str(ports["naive"]), "--model", str(model_path)]),
+    }
+    rows: list[tuple[str, str, Result]] = []
+    peak_rss = 0.0
+    try:
+        for name, port in ports.items():
+            wait_ready(f"127.0.0.1:{port}")
+        for conc, batch in scenarios:
+            label = f"c={conc} b={batch}"
+            for name, port in ports.items():
+                result = drive(f"127.0.0.1:{port}", "lenet", conc, batch, args.duration)
+                if name == "cnnserve":
+                    peak_rss = max(peak_rss, rss_mib(procs[name].pid))
+                rows.append((label, name, result))
+            rows.append((label, "onnxruntime in-process",
+                         in_process_ort(model_path, batch, args.duration)))
+        # Touch the second model so both are resident, then read the high-water mark.
+        drive(f"127.0.0.1:{ports['cnnserve']}", "lenet_b", 8, 4, 1.0)
+        peak_rss = max(peak_rss, rss_mib(procs["cnnserve"].pid, "VmHWM"))
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(timeout=30)
+    report(rows, peak_rss, os.cpu_count() or 0)
+
+
+def report(rows: list[tuple[str, str, Result]], peak_rss: float, cpus: int) -> None:
+    print(f"\nserver benchmark ({cpus} CPUs; LeNet-5-sized model; client in its own process)\n")
+    print(f"{'scenario':<12} {'target':<24} {'req/s':>9} {'items/s':>10} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'errors':>6}")
+    by_key = {(label, name): r for label, name, r in rows}
+    for label, name, r in rows:
+        print(f"{label:<12} {name:<24} {r.rps:>9.0f} {r.items_per_s:>10.0f} {r.p50_ms:>8.2f} "
+              f"{r.p99_ms:>8.2f} {r.errors:>6}")
+    print("\ntargets:")
+
+    def ratio(label: str, a: str, b: str, attr: str = "rps") -> float:
+        ra, rb = by_key.get((label, a)), by_key.get((label, b))
+        if ra is None or rb is None:
+            return float("nan")
+        return float(getattr(ra, attr)) / float(getattr(rb, attr))
+
+    checks = [
+        ("c=32 b=1: cnnserve / constant throughput >= 0.90",
+         ratio("c=32 b=1", "cnnserve", "constant"), 0.90, True),
+        ("c=4 b=16: cnnserve / naive throughput >= 1.4",
+         ratio("c=4 b=16", "cnnserve", "naive"), 1.4, True),
+        ("c=4 b=16: cnnserve / in-process ORT items/s >= 0.60",
+         ratio("c=4 b=16", "cnnserve", "onnxruntime in-process", "items_per_s"), 0.60, True),
+        ("c=1 b=1: cnnserve p99 / constant p99 <= 1.5",
+         ratio("c=1 b=1", "cnnserve", "constant", "p99_ms"), 1.5, False),
+        ("resident memory, two models, MiB <= 150", peak_rss, 150.0, False),
+    ]
+    for text, value, bound, higher_is_better in checks:
+        ok = value >= bound if higher_is_better else value <= bound
+        print(f"  {text:<56} {value:>8.2f}  {'PASS' if ok else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Server interceptors: the one place errors become gRPC statuses, and bearer-token auth.
+
+:class:`ErrorMapping` turns a :class:`~cnnserve.server.errors.ServingError` raised anywhere
+under a handler into its ``code`` with its message; any other exception is logged with its
+traceback and answered ``INTERNAL "internal server error"``, so internals never leak to
+clients. :class:`TokenAuth` refuses calls without ``authorization: Bearer <token>`` metadata
+with UNAUTHENTICATED, except health checks and reflection, which stay open so probes and
+tooling work without the secret.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc.aio import ServerInterceptor
+
+from cnnserve.server.errors import ServingError, Unauthenticated
+
+logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    # grpc-stubs type the continuation's result and intercept_service's as never None, but
+    # grpc returns None for a method no service implements (answered UNIMPLEMENTED); hence
+    # the `type: ignore[override]` on the honest signatures below.
+    Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+    Interceptor = ServerInterceptor[Any, Any]
+else:  # the grpc classes are not generic at run time
+    Interceptor = ServerInterceptor
+
+#: Methods callable without a token: health probes (grpc.health.v1 and the protocol's own
+#: liveness/readiness) and server reflection.
+OPEN_METHODS = frozenset({
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.health.v1.Health/List",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+})
+
+INTERNAL_MESSAGE = "internal server error"
+
+
+class ErrorMapping(Interceptor):
+    """Map ServingError to its status and hide unexpected errors behind INTERNAL."""
+
+    def __init__(self) -> None:
+        # Handlers never change while the server runs; wrapping each once keeps the per-call
+        # cost to one dictionary lookup.
+        self._wrapped: dict[str, Handler | None] = {}
+
+    async def intercept_service(  # type: ignore[override]
+            self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
+        method = details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler = await continuation(details)
+        wrapped = handler
+        if handler is not None and inspect.iscoroutinefunction(handler.unary_unary):
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                _mapped(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+
+def _mapped(behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+            method: str) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await behavior(request, context)
+        except ServingError as exc:
+            await context.abort(exc.code, str(exc))
+        except grpc.aio.AbortError:
+            raise  # the handler chose its own status
+        except Exception:
+            logger.exception("unexpected error in %s", method)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    return call
+
+
+class TokenAuth(Interceptor):
+    """Require ``authorization: Bearer <token>`` on every call except :data:`OPEN_METHODS`."""
+
+    def __init__(self, token: str, open_methods: frozenset[str] = OPEN_METHODS) -> None:
+        if not token:
+            raise ValueError("token must not be empty")
+        self._expected = token.encode("utf-8")
+        self._open = open_methods
+
+    async def intercept_service(  # type: ignore[override]
+            self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
+        if details.method in self._open or self._authorized(details.invocation_metadata):
+            return await continuation(details)
+        handler = await continuation(details)
+        return None if handler is None else _refusal(handler)
+
+    def _authorized(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        for key, value in metadata or ():
+            if key.lower() != "authorization":
+                continue
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            scheme, _, credential = text.strip().partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(
+                    credential.strip().encode("utf-8"), self._expected):
+                return True
+        return False
+
+
+def _refusal(handler: Handler) -> Handler:
+    """A handler of the same streaming kind as ``handler`` that answers UNAUTHENTICATED."""
+    async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(Unauthenticated.code,
+                            "missing or invalid bearer token: send metadata "
+                            "'authorization: Bearer <token>'")
+
+    serde = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse, **serde)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse, **serde)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse, **serde)
+    return grpc.unary_unary_rpc_method_handler(refuse, **serde)

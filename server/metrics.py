@@ -1,0 +1,164 @@
+"""Prometheus metrics of the server, kept in a registry the :class:`Metrics` object owns.
+
+Nothing here touches prometheus_client's global registry: the process builds one
+:class:`Metrics` in ``main()`` and passes it to the engine and the wire layer, and tests build
+their own. Every series is labelled by ``model`` and ``version``; requests for a model that
+does not exist are counted under ``model="_unknown_"`` so label values stay bounded.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+UNKNOWN_MODEL = "_unknown_"
+MODEL_STATES = ("READY", "LOADING", "UNAVAILABLE", "UNLOADING")
+
+#: Latency buckets in seconds, 50 us to 10 s: sub-millisecond resolution where a CPU
+#: serving path lives, plus a tail for overloaded or slow models.
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                   0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = tuple(float(2**i) for i in range(11))  # 1, 2, 4, ..., 1024 rows
+
+_MV = ("model", "version")
+
+
+@dataclass(frozen=True)
+class VersionMetrics:
+    """The series of one model version with their labels already bound (cheap on hot paths)."""
+
+    queue_depth: Any
+    queue_duration: Any
+    compute_duration: Any
+    batch_size: Any
+    executions: Any
+    inferences: Any
+
+    def execution(self, rows: int, compute_s: float) -> None:
+        """One ORT run of ``rows`` rows that took ``compute_s`` seconds."""
+        self.executions.inc()
+        self.inferences.inc(rows)
+        self.batch_size.observe(rows)
+        self.compute_duration.observe(compute_s)
+
+
+class Metrics:
+    """All cnnserve series, registered in ``registry`` (a new private one by default)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("cnnserve_requests_total", "Inference requests received.",
+                                _MV, registry=r)
+        self.request_failures = Counter(
+            "cnnserve_request_failures_total", "Failed inference requests by reason.",
+            (*_MV, "reason"), registry=r)
+        self.inferences = Counter("cnnserve_inferences_total",
+                                  "Batch items (rows) inferred.", _MV, registry=r)
+        self.executions = Counter("cnnserve_executions_total", "ONNX Runtime runs.",
+                                  _MV, registry=r)
+        self.request_duration = Histogram(
+            "cnnserve_request_duration_seconds", "Whole request time, receive to response.",
+            _MV, buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_duration = Histogram(
+            "cnnserve_queue_duration_seconds", "Time a request waited in the batcher queue.",
+            _MV, buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_duration = Histogram(
+            "cnnserve_compute_duration_seconds", "ONNX Runtime run time per execution.",
+            _MV, buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("cnnserve_batch_size", "Rows per ONNX Runtime run.",
+                                    _MV, buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("cnnserve_queue_depth", "Requests waiting in the batcher.",
+                                 _MV, registry=r)
+        self.inflight = Gauge("cnnserve_inflight_requests",
+                              "Requests received and not yet answered.", _MV, registry=r)
+        self.load_duration = Gauge("cnnserve_model_load_duration_seconds",
+                                   "Time the last load of the version took (incl. warm-up).",
+                                   _MV, registry=r)
+        self.load_failures = Counter("cnnserve_model_load_failures_total",
+                                     "Model version loads that failed.", ("model",), registry=r)
+        self.model_state = Gauge("cnnserve_model_state",
+                                 "1 for the version's current state, 0 for the others.",
+                                 (*_MV, "state"), registry=r)
+        self.execution_provider = Gauge("cnnserve_model_execution_provider",
+                                        "1 for each active ONNX Runtime execution provider.",
+                                        (*_MV, "provider"), registry=r)
+
+    # -- called by the wire layer -------------------------------------------------------
+    def request_started(self, model: str, version: str) -> None:
+        """A request for ``model``/``version`` arrived (use UNKNOWN_MODEL for unknown ones)."""
+        self.requests.labels(model, version).inc()
+        self.inflight.labels(model, version).inc()
+
+    def request_finished(self, model: str, version: str, seconds: float,
+                         reason: str | None) -> None:
+        """The request was answered after ``seconds``; ``reason`` None means success."""
+        self.inflight.labels(model, version).dec()
+        self.request_duration.labels(model, version).observe(seconds)
+        if reason is not None:
+            self.request_failures.labels(model, version, reason).inc()
+
+    # -- called by the engine -----------------------------------------------------------
+    def for_version(self, model: str, version: int) -> VersionMetrics:
+        """Bound series for the batcher of one version."""
+        v = str(version)
+        return VersionMetrics(
+            queue_depth=self.queue_depth.labels(model, v),
+            queue_duration=self.queue_duration.labels(model, v),
+            compute_duration=self.compute_duration.labels(model, v),
+            batch_size=self.batch_size.labels(model, v),
+            executions=self.executions.labels(model, v),
+            inferences=self.inferences.labels(model, v))
+
+    def set_model_state(self, model: str, version: int, state: str) -> None:
+        """Mark ``state`` (one of MODEL_STATES) as the version's current state."""
+        for s in MODEL_STATES:
+            self.model_state.labels(model, str(version), s).set(1.0 if s == state else 0.0)
+
+    def model_loaded(self, model: str, version: int, seconds: float,
+                     providers: Iterable[str]) -> None:
+        """A version finished loading in ``seconds`` and runs on ``providers``."""
+        self.load_duration.labels(model, str(version)).set(seconds)
+        for provider in providers:
+            self.execution_provider.labels(model, str(version), provider).set(1.0)
+
+    def model_unloaded(self, model: str, version: int, providers: Iterable[str]) -> None:
+        """The version released its session: its providers are no longer active."""
+        for provider in providers:
+            self.execution_provider.labels(model, str(version), provider).set(0.0)
+
+    def load_failed(self, model: str) -> None:
+        """A version (or the model's model.json) of ``model`` failed to load."""
+        self.load_failures.labels(model).inc()
+
+
+class MetricsHttpServer:
+    """The /metrics HTTP endpoint running in a daemon thread; :meth:`shutdown` stops it."""
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+        self.port: int = int(server.server_address[1])
+
+    def shutdown(self) -> None:
+        """Stop serving, close the socket and join the thread (idempotent)."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(timeout=5.0)
+        self._server.server_close()
+
+
+def start_metrics_http_server(metrics: Metrics, host: str,
+                              port: int) -> tuple[MetricsHttpServer, int]:
+    """Serve ``metrics.registry`` in the Prometheus text format on ``host:port``.
+
+    ``port`` 0 picks a free port (returned as the second item). Raises OSError if the
+    address cannot be bound.
+    """
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    handle = MetricsHttpServer(server, thread)
+    return handle, handle.port
