@@ -162,7 +162,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--scenarios", default="1x1,32x1,4x16,16x8",
                         help="comma-separated CONCURRENCYxBATCH list")
-    parser.add_argument("--queue-delay-us", type=int, default=500)
+    parser.add_argument("--queue-delay-us", type=int, default=0,
+                        help="max_queue_delay_microseconds of the served models")
     args = parser.parse_args()
     scenarios = [tuple(int(v) for v in s.split("x")) for s in args.scenarios.split(",")]
 

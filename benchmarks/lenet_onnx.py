@@ -58,7 +58,7 @@ def lenet5_graph(seed: int = 0) -> onnx.ModelProto:
 
 
 def write_lenet_repository(repository: Path, names: tuple[str, ...] = ("lenet",),
-                           max_batch_size: int = 256, queue_delay_us: int = 500) -> None:
+                           max_batch_size: int = 256, queue_delay_us: int = 0) -> None:
     """Write each name as version 1 of a LeNet model into ``repository``."""
     for i, name in enumerate(names):
         version = repository / name / "1"

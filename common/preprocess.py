@@ -42,11 +42,12 @@ def channel_stats(images_u8: np.ndarray) -> tuple[tuple[float, ...], tuple[float
     """Return per-channel ``(mean, std)`` of ``images_u8 / 255`` for uint8 ``[N, C, H, W]``.
 
     Call it on the training split only, so validation and test data never leak into the
-    statistics stored with the model. Computed exactly (float64 from a pixel histogram); a channel with zero
-    variance gets std 1.0 (dividing by zero would turn every pixel into inf/nan).
+    statistics stored with the model. Computed in float64 from a histogram of pixel values; a
+    channel with zero variance gets std 1.0 (dividing by zero would turn pixels into inf/nan).
     """
-    if images_u8.ndim != 4 or images_u8.shape[0] == 0:
-        raise CnnserveError(f"need a non-empty [N, C, H, W] array, got {list(images_u8.shape)}")
+    if images_u8.ndim != 4 or images_u8.shape[0] == 0 or images_u8.dtype != np.uint8:
+        raise CnnserveError(f"need a non-empty uint8 [N, C, H, W] array, got {images_u8.dtype} "
+                            f"{list(images_u8.shape)}")
     # A histogram of the 256 pixel values gives exact sums without a float copy of the data.
     values = np.arange(256, dtype=np.float64) / 255.0
     means: list[float] = []

@@ -203,9 +203,9 @@ def _announce(settings: Settings, port: int, metrics_port: int) -> None:
     if settings.token and not settings.tls_cert:
         logger.warning("a bearer token over plaintext gRPC can be read on the network; "
                        "add --tls-cert/--tls-key")
-    logger.info("serving gRPC on %s (%s), metrics on http://%s/metrics",
-                _join(settings.host, port), security, _join(settings.host, metrics_port),
-                extra={"grpc_port": port, "metrics_port": metrics_port})
     if settings.port_file is not None:
         write_atomically(settings.port_file,
                          json.dumps({"grpc_port": port, "metrics_port": metrics_port}) + "\n")
+    logger.info("serving gRPC on %s (%s), metrics on http://%s/metrics",
+                _join(settings.host, port), security, _join(settings.host, metrics_port),
+                extra={"grpc_port": port, "metrics_port": metrics_port})

@@ -7,8 +7,8 @@ request has waited ``max_queue_delay_us`` (0: never wait, send what is queued). 
 batch at a time on the execution thread pool: requests arriving meanwhile form the next
 batch, which is what makes batching adaptive under load even with a delay of 0.
 
-Per batch there is exactly one thread hop (``run_in_executor``); inputs are concatenated and
-outputs split (as views) in the worker, so the event loop only resolves futures.
+Per batch there is exactly one thread hop (``run_in_executor`` of :func:`run_batch`, which
+concatenates, runs and splits in the worker), so the event loop only resolves futures.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
-
-import numpy as np
+from dataclasses import dataclass, field
 
 from cnnserve.server.errors import (
     DeadlineExceeded,
@@ -33,8 +31,8 @@ from cnnserve.server.errors import (
     ServingError,
 )
 from cnnserve.server.metrics import VersionMetrics
-from cnnserve.server.runtime import Array, Runner
-from cnnserve.server.statistics import BatchTimings, StatsRecorder
+from cnnserve.server.runtime import Array, Runner, run_batch
+from cnnserve.server.statistics import StatsRecorder
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +49,17 @@ class BatchPolicy:
     max_queue_size: int = 1024
 
 
+@dataclass(slots=True, eq=False)
 class _Request:
-    __slots__ = ("arrival", "arrival_ns", "deadline", "future", "inputs", "outputs", "queued",
-                 "rows", "timer")
-
-    def __init__(self, inputs: Mapping[str, Array], outputs: Sequence[str], rows: int,
-                 future: asyncio.Future[Result], deadline: float | None) -> None:
-        self.inputs = inputs
-        self.outputs = outputs
-        self.rows = rows
-        self.future = future
-        self.deadline = deadline
-        self.arrival = time.monotonic()
-        self.arrival_ns = time.monotonic_ns()
-        self.queued = True
-        self.timer: asyncio.TimerHandle | None = None
+    inputs: Mapping[str, Array]
+    outputs: Sequence[str]
+    rows: int
+    future: asyncio.Future[Result]
+    deadline: float | None  # time.monotonic() instant
+    arrival: float = field(default_factory=time.monotonic)
+    arrival_ns: int = field(default_factory=time.monotonic_ns)
+    queued: bool = True  # in the deque (not yet taken, expired or cancelled)
+    timer: asyncio.TimerHandle | None = None  # fires at the deadline
 
 
 class Batcher:
@@ -111,17 +105,16 @@ class Batcher:
         """
         if self._closed:
             raise ModelNotReady(f"{self._where} was unloaded; retry to reach the current one")
-        start_ns = time.monotonic_ns()
         request = self._admit(inputs, outputs, deadline)
         try:
             result = await request.future
         except ServingError:
-            self._stats.record_failure(time.monotonic_ns() - start_ns)
+            self._stats.record_failure(time.monotonic_ns() - request.arrival_ns)
             raise
         except asyncio.CancelledError:
             self._forget(request)  # the caller went away: do not compute for nobody
             raise
-        self._stats.record_success(time.monotonic_ns() - start_ns)
+        self._stats.record_success(time.monotonic_ns() - request.arrival_ns)
         return result
 
     def _admit(self, inputs: Mapping[str, Array], outputs: Sequence[str],
@@ -162,12 +155,12 @@ class Batcher:
             request.timer.cancel()
 
     def _expire(self, request: _Request) -> None:
-        if request.queued and not request.future.done():
+        if request.queued:
             self._forget(request)
             waited_ms = (time.monotonic() - request.arrival) * 1e3
-            request.future.set_exception(DeadlineExceeded(
-                f"{self._where}: the deadline passed after {waited_ms:.1f} ms in the queue; "
-                "the request was dropped before compute"))
+            _fail(request, DeadlineExceeded(f"{self._where}: the deadline passed after "
+                                            f"{waited_ms:.1f} ms in the queue; the request "
+                                            "was dropped before compute"))
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -241,11 +234,10 @@ class Batcher:
         now, now_ns = time.monotonic(), time.monotonic_ns()
         live = []
         for request in batch:
-            if request.future.done():
-                continue
             if request.deadline is not None and request.deadline <= now:
-                request.future.set_exception(DeadlineExceeded(
-                    f"{self._where}: the deadline passed in the queue; dropped before compute"))
+                _fail(request, DeadlineExceeded(f"{self._where}: the deadline passed in the "
+                                                "queue; the request was dropped before compute"))
+            if request.future.done():  # expired just now, or the caller went away
                 continue
             queued_ns = now_ns - request.arrival_ns
             self._stats.record_queue(queued_ns)
@@ -255,54 +247,25 @@ class Batcher:
             return
         loop = asyncio.get_running_loop()
         try:
-            results, rows, timings = await loop.run_in_executor(
-                self._executor, self._compute, live)
+            results, timings = await loop.run_in_executor(
+                self._executor, run_batch, self._runner, [r.inputs for r in live],
+                [r.rows for r in live], [r.outputs for r in live])
         except asyncio.CancelledError:
             for request in live:
                 _fail(request, ServerShuttingDown(
                     f"{self._where}: the server stopped before the batch finished"))
             raise
         except Exception as exc:
-            log.error("%s: a batch of %d requests failed: %s", self._where, len(live), exc,
-                      exc_info=not isinstance(exc, _BackendError))
+            log.exception("%s: a batch of %d requests failed", self._where, len(live))
             for request in live:
                 _fail(request, InferenceFailed(f"{self._where}: inference failed: {exc}"))
             return
+        rows = sum(r.rows for r in live)
         self._stats.record_execution(rows, len(live), timings)
         self._metrics.execution(rows, timings.infer_ns / 1e9)
         for request, result in zip(live, results, strict=True):
             if not request.future.done():
                 request.future.set_result(result)
-
-    def _compute(self, batch: list[_Request]) -> tuple[list[Result], int, BatchTimings]:
-        """Worker thread: concatenate, run, check and split one batch."""
-        t0 = time.perf_counter_ns()
-        if len(batch) == 1:
-            feeds = batch[0].inputs  # nothing to merge: no copy
-        else:
-            feeds = {name: np.concatenate([r.inputs[name] for r in batch])
-                     for name in batch[0].inputs}
-        rows = sum(r.rows for r in batch)
-        t1 = time.perf_counter_ns()
-        try:
-            outputs = self._runner.run(feeds)
-        except Exception as exc:
-            raise _BackendError(str(exc)) from exc
-        t2 = time.perf_counter_ns()
-        for name, value in outputs.items():
-            got = value.shape[0] if value.ndim else 0
-            if got != rows:
-                raise _BackendError(f"output '{name}' has {got} rows but the batch had {rows}")
-        results: list[Result] = []
-        offset = 0
-        for r in batch:
-            names = r.outputs or outputs.keys()
-            end = offset + r.rows
-            results.append({n: outputs[n][offset:end] for n in names} if len(batch) > 1
-                           else {n: outputs[n] for n in names})
-            offset = end
-        t3 = time.perf_counter_ns()
-        return results, rows, BatchTimings(t1 - t0, t2 - t1, t3 - t2)
 
     async def drain(self) -> None:
         """Finish every queued and running request, then close (later submits: ModelNotReady).
@@ -326,17 +289,8 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def _fail_queued(self, error: Callable[[], ServingError]) -> None:
-        while self._queue:
-            request = self._queue.popleft()
-            request.queued = False
-            self._metrics.queue_depth.dec()
-            if request.timer is not None:
-                request.timer.cancel()
+        for request in self._take(len(self._queue)):
             _fail(request, error())
-
-
-class _BackendError(Exception):
-    """ORT failed or broke the batch contract; reported without a traceback of our code."""
 
 
 def _fail(request: _Request, error: BaseException) -> None:

@@ -30,8 +30,9 @@ from cnnserve.server.model_config import (
     ModelPolicy,
     VersionConfig,
 )
-from cnnserve.server.repository import IndexEntry, Repository, read_policy
+from cnnserve.server.repository import IndexEntry, Repository
 from cnnserve.server.runtime import Array, OrtRuntime, RuntimeOptions, open_runtime
+from cnnserve.server.scan import read_policy
 from cnnserve.server.statistics import BatchStats, StatsRecorder, VersionStats
 
 __all__ = ["BatchStats", "Engine", "EngineOptions", "IndexEntry", "LoadedModel", "VersionStats"]
@@ -277,8 +278,7 @@ class Engine:
     def statistics(self, name: str = "", version: str = "") -> list[VersionStats]:
         """Statistics of READY versions: all models ("" name), a model's, or one version's."""
         if not name:
-            models = [m for n in sorted(self._repo.known | {m.name for m in
-                      self._repo.servables()}) for m in self._repo.ready_versions(n)]
+            models = [m for n in self._repo.names() for m in self._repo.ready_versions(n)]
         elif version:
             models = [self.get(name, version)]
         else:

@@ -54,16 +54,19 @@ class ErrorMapping(Interceptor):
     def __init__(self) -> None:
         # Handlers never change while the server runs; wrapping each once keeps the per-call
         # cost to one dictionary lookup.
-        self._wrapped: dict[str, Handler | None] = {}
+        self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(  # type: ignore[override]
             self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         method = details.method
-        if method in self._wrapped:
-            return self._wrapped[method]
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
         handler = await continuation(details)
+        if handler is None:
+            return None  # unknown method: not cached, so made-up names cannot grow the cache
         wrapped = handler
-        if handler is not None and inspect.iscoroutinefunction(handler.unary_unary):
+        if inspect.iscoroutinefunction(handler.unary_unary):
             wrapped = grpc.unary_unary_rpc_method_handler(
                 _mapped(handler.unary_unary, method),
                 request_deserializer=handler.request_deserializer,

@@ -84,6 +84,9 @@ class Metrics:
         self.model_state = Gauge("cnnserve_model_state",
                                  "1 for the version's current state, 0 for the others.",
                                  (*_MV, "state"), registry=r)
+        # Sessions per (model, version, provider): a version reloaded in place has two for a
+        # moment, and closing the old one must not zero the provider of the new one.
+        self._sessions: dict[tuple[str, str, str], int] = {}
         self.execution_provider = Gauge("cnnserve_model_execution_provider",
                                         "1 for each active ONNX Runtime execution provider.",
                                         (*_MV, "provider"), registry=r)
@@ -123,13 +126,18 @@ class Metrics:
                      providers: Iterable[str]) -> None:
         """A version finished loading in ``seconds`` and runs on ``providers``."""
         self.load_duration.labels(model, str(version)).set(seconds)
-        for provider in providers:
-            self.execution_provider.labels(model, str(version), provider).set(1.0)
+        self._count_sessions(model, version, providers, +1)
 
     def model_unloaded(self, model: str, version: int, providers: Iterable[str]) -> None:
-        """The version released its session: its providers are no longer active."""
+        """A session of the version was released: its providers may no longer be active."""
+        self._count_sessions(model, version, providers, -1)
+
+    def _count_sessions(self, model: str, version: int, providers: Iterable[str],
+                        delta: int) -> None:
         for provider in providers:
-            self.execution_provider.labels(model, str(version), provider).set(0.0)
+            key = (model, str(version), provider)
+            count = self._sessions[key] = max(self._sessions.get(key, 0) + delta, 0)
+            self.execution_provider.labels(*key).set(1.0 if count else 0.0)
 
     def load_failed(self, model: str) -> None:
         """A version (or the model's model.json) of ``model`` failed to load."""

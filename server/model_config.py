@@ -151,8 +151,10 @@ class VersionConfig:
 class DynamicBatching:
     """How concurrent requests are merged (Triton's dynamic_batching, in its units)."""
 
-    #: Longest a request waits for others to join its batch, in microseconds. 0: never wait.
-    max_queue_delay_microseconds: int = 500
+    #: Longest a request waits for others to join its batch, in microseconds. 0 (the default,
+    #: as Triton's): never wait; batching still adapts, since requests that arrive while a
+    #: batch runs are sent together as the next one.
+    max_queue_delay_microseconds: int = 0
     #: Batch sizes the batcher prefers to send as soon as it has them (empty: max_batch_size).
     preferred_batch_size: tuple[int, ...] = ()
     #: Requests waiting per model version; past it new requests get UNAVAILABLE at once.
@@ -205,7 +207,7 @@ class ModelPolicy:
             return cls(
                 version_policy=dict(data.get("version_policy", {"latest": 1})),
                 dynamic_batching=DynamicBatching(
-                    max_queue_delay_microseconds=int(db.get("max_queue_delay_microseconds", 500)),
+                    max_queue_delay_microseconds=int(db.get("max_queue_delay_microseconds", 0)),
                     preferred_batch_size=tuple(int(x) for x in db.get("preferred_batch_size", ())),
                     max_queue_size=int(db.get("max_queue_size", 1024))),
                 max_batch_size=(None if data.get("max_batch_size") is None

@@ -12,30 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from cnnserve.server.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from cnnserve.server.metrics import Metrics
-from cnnserve.server.model_config import (
-    CONFIG_FILE,
-    MODEL_FILE,
-    POLICY_FILE,
-    ModelPolicy,
-    list_versions,
-)
+from cnnserve.server.model_config import POLICY_FILE, ModelPolicy
+from cnnserve.server.scan import ModelScan, scan_model, scan_repository, select_versions
 
 log = logging.getLogger(__name__)
 
 READY, LOADING, UNAVAILABLE, UNLOADING = "READY", "LOADING", "UNAVAILABLE", "UNLOADING"
 
-#: (mtime_ns, size, inode) of each file that defines a version; changes mean "reload".
-Fingerprint = tuple[tuple[int, int, int], ...]
 T = TypeVar("T")
 
 
@@ -59,15 +51,6 @@ class IndexEntry:
     version: str
     state: str  # READY | UNAVAILABLE | LOADING | UNLOADING
     reason: str  # why not ready; "" when READY
-
-
-@dataclass(frozen=True)
-class ModelScan:
-    """What a model folder held at one moment."""
-
-    name: str
-    policy: Fingerprint
-    versions: Mapping[int, Fingerprint]
 
 
 @dataclass
@@ -154,7 +137,8 @@ class Repository(Generic[S]):
             failures.append(f"model '{model.name}' {reason}")
         for v in sorted(model.versions):
             if v not in serving:
-                await self._retire(model, v, "unloaded: not selected by the version policy")
+                await self._retire(model, v, "unloaded: not selected by the version policy"
+                                   if v in scan.versions else "unloaded: removed from disk")
                 if v not in visited:
                     del model.versions[v]
         if not scan.versions:
@@ -242,7 +226,7 @@ class Repository(Generic[S]):
         log.error("load failed: %s", reason, exc_info=exc_info)
 
     def _unknown(self, name: str) -> str:
-        return f"unknown model '{name}'; known models: {sorted(self.known | set(self._models))}"
+        return f"unknown model '{name}'; known models: {self.names()}"
 
     # -- request-path lookups (no I/O, no awaits) -----------------------------------------
     def lookup(self, name: str, version: str = "") -> S:
@@ -280,6 +264,10 @@ class Repository(Generic[S]):
         return [r.servable for _, r in sorted(versions)
                 if r.state == READY and r.servable is not None]
 
+    def names(self) -> list[str]:
+        """Every model known from the last scan or with a record, sorted."""
+        return sorted(self.known | set(self._models))
+
     def servables(self) -> list[S]:
         """Every loaded servable of every model (READY or retiring)."""
         return [r.servable for m in self._models.values() for r in m.versions.values()
@@ -292,7 +280,7 @@ class Repository(Generic[S]):
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """One entry per version with a state; models never loaded appear with version ""."""
         entries = []
-        for name in sorted(self.known | set(self._models)):
+        for name in self.names():
             model = self._models.get(name)
             if model is None or not model.versions:
                 why = model.error if model is not None and model.error else "not loaded"
@@ -301,60 +289,3 @@ class Repository(Generic[S]):
             entries.extend(IndexEntry(name, str(v), r.state, "" if r.state == READY else r.reason)
                            for v, r in sorted(model.versions.items()))
         return [e for e in entries if e.state == READY] if ready_only else entries
-
-
-def select_versions(policy: ModelPolicy,
-                    available: Mapping[int, object]) -> tuple[list[int], list[int]]:
-    """(versions to try, newest first; versions the policy names that are not on disk)."""
-    newest_first = sorted(available, reverse=True)
-    specific = policy.version_policy.get("specific")
-    if specific is None:
-        return newest_first, []
-    wanted = sorted(set(specific), reverse=True)
-    return [v for v in wanted if v in available], [v for v in wanted if v not in available]
-
-
-def read_policy(path: Path, max_queue_delay_us: int | None = None,
-                max_queue_size: int | None = None) -> ModelPolicy:
-    """model.json with the server-wide batching defaults for the fields it does not set.
-
-    Blocking (reads the file). Raises ConfigError for an invalid model.json.
-    """
-    policy = ModelPolicy.load(path)
-    given: dict[str, Any] = {}
-    if path.exists():
-        given = json.loads(path.read_text(encoding="utf-8")).get("dynamic_batching") or {}
-    batching = policy.dynamic_batching
-    if max_queue_delay_us is not None and "max_queue_delay_microseconds" not in given:
-        batching = replace(batching, max_queue_delay_microseconds=max_queue_delay_us)
-    if max_queue_size is not None and "max_queue_size" not in given:
-        batching = replace(batching, max_queue_size=max_queue_size)
-    return replace(policy, dynamic_batching=batching)
-
-
-def _stat(path: Path) -> tuple[int, int, int]:
-    try:
-        st = path.stat()
-    except OSError:
-        return (-1, -1, -1)
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def scan_model(root: Path, name: str) -> ModelScan | None:
-    """Fingerprint one model folder (blocking); None if it does not exist."""
-    folder = root / name
-    if name.startswith(".") or not folder.is_dir():
-        return None
-    versions = {v: (_stat(folder / str(v) / MODEL_FILE), _stat(folder / str(v) / CONFIG_FILE))
-                for v in list_versions(folder)}
-    return ModelScan(name, (_stat(folder / POLICY_FILE),), versions)
-
-
-def scan_repository(root: Path) -> dict[str, ModelScan]:
-    """Fingerprint every model folder (blocking); folders starting with "." are ignored."""
-    scans = {}
-    for entry in sorted(root.iterdir()):
-        scan = scan_model(root, entry.name)
-        if scan is not None:
-            scans[entry.name] = scan
-    return scans

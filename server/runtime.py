@@ -9,6 +9,7 @@ config.json, or when CUDA was explicitly asked for but is not what the session r
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import onnxruntime as ort
 
 from cnnserve.server.errors import ModelLoadError
 from cnnserve.server.model_config import DATATYPES, TensorSpec, VersionConfig
+from cnnserve.server.statistics import BatchTimings
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,37 @@ class OrtRuntime:
     def close(self) -> None:
         """Drop the session (ORT frees it once no running batch holds it)."""
         self._session = None
+
+
+def run_batch(runner: Runner, inputs: Sequence[Mapping[str, Array]], rows: Sequence[int],
+              outputs: Sequence[Sequence[str]]) -> tuple[list[dict[str, Array]], BatchTimings]:
+    """Run several requests as one batch (blocking; the batcher calls it in a worker thread).
+
+    ``inputs[i]`` holds request i's tensors with ``rows[i]`` rows; ``outputs[i]`` names the
+    outputs it wants (empty: all). Inputs are concatenated once (a lone request is passed as
+    it is, without a copy); outputs come back as views into the batch's arrays. Raises
+    whatever the runner raises, or RuntimeError if an output's row count is not the batch's.
+    """
+    t0 = time.perf_counter_ns()
+    if len(inputs) == 1:
+        feeds = inputs[0]
+    else:
+        feeds = {name: np.concatenate([x[name] for x in inputs]) for name in inputs[0]}
+    total = sum(rows)
+    t1 = time.perf_counter_ns()
+    results = runner.run(feeds)
+    t2 = time.perf_counter_ns()
+    for name, value in results.items():
+        got = value.shape[0] if value.ndim else 0
+        if got != total:
+            raise RuntimeError(f"output '{name}' has {got} rows but the batch had {total}")
+    split: list[dict[str, Array]] = []
+    offset = 0
+    for n, wanted in zip(rows, outputs, strict=True):
+        split.append({k: results[k][offset:offset + n] if len(rows) > 1 else results[k]
+                      for k in (wanted or results)})
+        offset += n
+    return split, BatchTimings(t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
 
 
 def select_providers(device: Device, where: str) -> list[str]:

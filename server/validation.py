@@ -9,8 +9,7 @@ naming the model, the tensor, what was expected and what arrived, e.g.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,9 +21,11 @@ from cnnserve.server.model_config import TensorSpec, VersionConfig
 CLASSIFICATION = "classification"
 
 
-@dataclass(frozen=True)
-class RequestedOutput:
-    """An output the client asked for; ``class_count`` > 0 asks for top-k classification."""
+class RequestedOutput(NamedTuple):
+    """An output the client asked for; ``class_count`` > 0 asks for top-k classification.
+
+    A NamedTuple rather than a frozen dataclass: built per request on the hot path.
+    """
 
     name: str
     class_count: int = 0
@@ -68,8 +69,9 @@ def _check_tensor(model: str, config: VersionConfig, spec: TensorSpec,
     if tensor.datatype != spec.datatype:
         raise InvalidRequest(f"{where} expects datatype {spec.datatype}, got {tensor.datatype}")
     shape = tensor.shape
-    fits = len(shape) == len(spec.shape) and all(
-        want in (-1, got) for want, got in zip(spec.shape[1:], shape[1:], strict=True))
+    want = spec.shape
+    fits = len(shape) == len(want) and (shape[1:] == want[1:] or all(
+        w in (-1, g) for w, g in zip(want[1:], shape[1:], strict=True)))
     if not fits:
         raise InvalidRequest(f"{where} expects shape {format_shape(spec.shape)}, "
                              f"got {format_shape(shape)}")

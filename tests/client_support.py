@@ -72,7 +72,7 @@ class ServerThread:
         metrics = Metrics()
         engine = Engine(EngineOptions(repository=self.repo, models=self.models,
                                       control_mode=self.control_mode,  # type: ignore[arg-type]
-                                      execution_workers=1), metrics)
+                                      execution_workers=2), metrics)
         await engine.start()
         settings = Settings(repository=self.repo, **self.settings)
         self._server, self.port = await create_server(
@@ -125,7 +125,7 @@ class FlakyServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(self.code, f"{method} refused on purpose "
                                            f"(attempt {self.attempts[method]})")
 
-    async def ServerLive(self, request: pb.ServerLiveRequest,  # noqa: N802 (gRPC name)
+    async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.ServerLiveResponse:
         await self._gate("ServerLive", context)
         return pb.ServerLiveResponse(live=True)

@@ -1,14 +1,12 @@
-"""Helpers for the deployment tests: Dockerfile and compose parsing, a tiny model, a server.
+"""Helpers for the deployment tests: Dockerfile and compose parsing, processes.
 
-Kept out of conftest.py because only tests/test_deploy.py and
-tests/test_dockerfile_commands.py use them. Nothing here needs a Docker engine.
+Kept out of conftest.py because only the deployment tests use them. Nothing here needs a
+Docker engine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shlex
 import signal
@@ -16,15 +14,24 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
+COMPOSE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 COMPOSE_SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
 VENV_BIN = Path(sys.executable).parent
+
+
+def load_yaml(path: Path) -> Any:
+    """A YAML file, parsed safely."""
+    import yaml
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 # -- Dockerfiles ----------------------------------------------------------------------------
@@ -241,159 +248,3 @@ def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> int:
             proc.kill()
             proc.wait(timeout=10)
     return int(proc.returncode)
-
-
-def serve_unavailable_reason() -> str | None:
-    """Why a real ``cnnserve serve`` cannot run yet (None when it can)."""
-    result = subprocess.run([sys.executable, "-m", "cnnserve", "serve", "--help"],
-                            capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        return ("`cnnserve serve` is not available yet (server/cli.py registers no working "
-                f"'serve'): {result.stderr.strip().splitlines()[-1:] or result.stdout[-200:]}")
-    return None
-
-
-@dataclass
-class RunningServer:
-    process: subprocess.Popen[str]
-    grpc_port: int
-    metrics_port: int
-    log: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def metrics_text(self) -> str:
-        import urllib.request
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            return str(reply.read().decode("utf-8"))
-
-
-@contextlib.contextmanager
-def running_server(repository: Path, workdir: Path,
-                   extra: Sequence[str] = ()) -> Iterator[RunningServer]:
-    """Start ``cnnserve serve`` on 127.0.0.1 free ports, wait until it is SERVING, stop it after.
-
-    Uses the server's ``--port-file`` so no port is guessed. Raises AssertionError with the
-    server's log when it exits early or is not serving within 60 s.
-    """
-    port_file = workdir / "ports.json"
-    log = workdir / "server.log"
-    cmd = [str(VENV_BIN / "cnnserve"), "serve", "--repository", str(repository),
-           "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-           "--port-file", str(port_file), *extra]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                cwd=workdir)
-    try:
-        def ports() -> dict[str, int] | None:
-            if proc.poll() is not None:
-                raise AssertionError(f"cnnserve serve exited with {proc.returncode}:\n"
-                                     f"{log.read_text()}")
-            if not port_file.exists():
-                return None
-            with contextlib.suppress(json.JSONDecodeError):
-                return dict(json.loads(port_file.read_text()))
-            return None
-
-        bound = wait_until(ports, 60, "the server's port file")
-        server = RunningServer(proc, int(bound["grpc_port"]), int(bound["metrics_port"]), log)
-        wait_until(lambda: probe(server.address).returncode == 0, 60, "the server to be SERVING")
-        yield server
-    finally:
-        stop_process(proc)
-
-
-def probe(address: str, *args: str, env: Mapping[str, str] | None = None,
-          python: str = sys.executable) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m cnnserve.server.probe --address ADDRESS ...``."""
-    return subprocess.run([python, "-m", "cnnserve.server.probe", "--address", address, *args],
-                          capture_output=True, text=True, timeout=30,
-                          env=dict(os.environ if env is None else env))
-
-
-# -- a tiny model -----------------------------------------------------------------------
-
-TINY_WEIGHTS = [[1.0, 0.0, -1.0], [0.5, 0.5, 0.5], [-1.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
-TINY_LABELS = ("ant", "bee", "cat")
-
-
-def write_tiny_model(repository: Path, name: str = "tiny", version: int = 1) -> Path:
-    """Write ``<repository>/<name>/<version>/`` with a 4 -> 3 softmax(x @ W) ONNX model.
-
-    Uses the onnx package (dev/train extra) only here, in the test process; the server under
-    test loads the file with onnxruntime alone.
-    """
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    weights = numpy_helper.from_array(np.array(TINY_WEIGHTS, dtype=np.float32), "W")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["input", "W"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
-        initializer=[weights])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    folder = repository / name / str(version)
-    folder.mkdir(parents=True)
-    onnx.save(model, str(folder / "model.onnx"))
-    config = {"name": name, "max_batch_size": 8, "platform": "onnxruntime_onnx",
-              "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
-              "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}],
-              "labels": list(TINY_LABELS)}
-    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return folder
-
-
-_TRITON_SCRIPT = r"""
-import json, sys
-import numpy as np
-import tritonclient.grpc as g
-from tritonclient.utils import InferenceServerException
-address, model, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-client = g.InferenceServerClient(address)
-x = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
-outputs = []
-for _ in range(count):
-    inp = g.InferInput("input", [2, 4], "FP32")
-    inp.set_data_from_numpy(x)
-    outputs.append(client.infer(model, [inp], client_timeout=10).as_numpy("probabilities").tolist())
-failures = []
-bad = g.InferInput("input", [2, 3], "FP32")
-bad.set_data_from_numpy(np.zeros((2, 3), dtype=np.float32))
-for name, inputs in ((model, [bad]), ("no-such-model", [bad])):
-    try:
-        client.infer(name, inputs, client_timeout=10)
-    except InferenceServerException as exc:
-        failures.append(exc.status())
-print(json.dumps({"outputs": outputs, "failures": failures}))
-"""
-
-
-def drive_requests(address: str, model: str, count: int) -> dict[str, Any]:
-    """Send ``count`` good requests and two bad ones (wrong shape, unknown model) with tritonclient.
-
-    Runs in a child process: tritonclient's generated protos share the ``inference`` package
-    with cnnserve's and must not meet them in one process. Returns the outputs and the
-    failure status codes.
-    """
-    result = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, address, model, str(count)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return dict(json.loads(result.stdout))
-
-
-def expected_tiny_output() -> list[list[float]]:
-    """softmax(x @ W) for the input :func:`drive_requests` sends."""
-    import numpy as np
-    x = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
-    logits = x @ np.array(TINY_WEIGHTS, dtype=np.float32)
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return (e / e.sum(axis=1, keepdims=True)).tolist()  # type: ignore[no-any-return]

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_test_model
 from deploy_support import (
     DEPLOY,
     ROOT,
@@ -27,7 +28,6 @@ from deploy_support import (
     read_stages,
     stop_process,
     wait_until,
-    write_tiny_model,
 )
 
 pytestmark = pytest.mark.slow
@@ -100,7 +100,7 @@ def test_server_image_installs_without_torch_serves_is_healthy_and_drains(
     assert found.stdout.strip() == "[]", "the server image carries training/client packages"
 
     repository = tmp_path / "models"
-    write_tiny_model(repository, "tiny", 1)
+    write_test_model(repository, "tiny", 1)
     grpc_port, metrics_port = free_port(), free_port()
     env = image_env(final, venv, CNNSERVE_REPOSITORY=str(repository),
                     CNNSERVE_GRPC_PORT=str(grpc_port), CNNSERVE_METRICS_PORT=str(metrics_port),
@@ -192,7 +192,7 @@ def test_trainer_command_skips_training_when_the_repository_has_a_model(tmp_path
     copies = {i.args.split()[-1]: i.args.split()[0] for i in stage.all("COPY")}
     script = ROOT / copies["/usr/local/bin/prepare-model.sh"]
     repository = tmp_path / "models"
-    write_tiny_model(repository, "fashion-cnn", 1)
+    write_test_model(repository, "fashion-cnn", 1)
     env = {**os.environ, **stage.env({"PATH": os.environ["PATH"]}),
            "CNNSERVE_REPOSITORY": str(repository), "CNNSERVE_RUN_DIR": str(tmp_path / "runs")}
     env["PATH"] = "/usr/bin:/bin"  # no cnnserve on PATH: it must not even try to train

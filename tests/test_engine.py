@@ -52,9 +52,9 @@ def images(n: int, seed: int = 0) -> np.ndarray[Any, Any]:
     return np.random.default_rng(seed).random((n, 1, 4, 4), np.float32)
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+async def eventually(condition: Callable[[], bool], within_s: float = 10.0) -> None:
     """Wait for a condition the engine reaches on its own (a poll), checking every 20 ms."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
@@ -134,7 +134,7 @@ async def test_reload_and_unload_while_requests_run_lose_none(
     served: dict[int, int] = {}
     errors: list[BaseException] = []
     stop = asyncio.Event()
-    v2_served = asyncio.Event()
+    v1_served, v2_served = asyncio.Event(), asyncio.Event()
 
     async def client(seed: int) -> None:
         x = np.full((1, 4), float(seed), np.float32)
@@ -147,17 +147,17 @@ async def test_reload_and_unload_while_requests_run_lose_none(
                 continue
             assert out["y"].tolist() == x.tolist()
             served[model.version] = served.get(model.version, 0) + 1
-            if model.version == 2 and served[2] >= 20:
-                v2_served.set()
+            if served[model.version] >= 20:
+                (v1_served if model.version == 1 else v2_served).set()
 
     clients = [asyncio.ensure_future(client(i)) for i in range(8)]
-    await asyncio.sleep(0.05)  # traffic on version 1
+    await asyncio.wait_for(v1_served.wait(), 10)
     write_test_model(model_repo, "m", 2, kind="slow", slow_iterations=200)
     await engine.load("m")
     await asyncio.wait_for(v2_served.wait(), 10)
     stop.set()
     await asyncio.gather(*clients)
-    assert errors == [] and served[1] > 0 and served[2] >= 20
+    assert errors == [] and served[1] >= 20 and served[2] >= 20
     assert engine.index() == [IndexEntry("m", "2", "READY", "")]
 
     held = engine.get("m")

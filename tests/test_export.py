@@ -24,7 +24,7 @@ from cnnserve.server.model_config import (
     VersionConfig,
     list_versions,
 )
-from cnnserve.training import build, onnx_graph
+from cnnserve.training import build, onnx_graph, repository_writer
 from cnnserve.training.checkpoint import build_model, load_checkpoint, save_checkpoint
 from cnnserve.training.export import (
     ExportError,
@@ -137,12 +137,27 @@ def test_result_reports_parity_at_batch_one_and_large(exported: ExportResult) ->
     assert "max|dlogits|" in summary and str(exported.version_dir) in summary
 
 
+def test_rgb_model_with_every_layer_kind_exports(tmp_path: Path) -> None:
+    spec = ("conv(8, 3, pad=1) -> bn -> tanh -> avgpool(2) -> conv(8, 3, stride=2, pad=1)"
+            " -> sigmoid -> dropout(0.2) -> maxpool(2, stride=1) -> fc(16) -> bn -> relu"
+            " -> fc(10)")
+    ckpt = make_checkpoint(tmp_path / "rgb.pt", dataset="synthetic:3x16x16", spec=spec,
+                           epochs=1)
+    result = export_checkpoint(ckpt, tmp_path / "repo", "rgb", max_batch_size=100)
+    assert result.config.inputs[0].shape == (-1, 3, 16, 16)
+    assert [r.batch_size for r in result.parity.rows] == [1, 7, 64, 100]
+    assert result.parity.max_abs_diff <= 1e-4 and result.parity.argmax_mismatches == 0
+
+
 # ---- versioning and atomicity ------------------------------------------------------------
 
 def test_versions_next_free_explicit_refused_and_forced(ckpt_path: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     assert export_checkpoint(ckpt_path, repo, "m").version == 1
+    policy = ModelPolicy(version_policy={"all": True})
+    (repo / "m" / POLICY_FILE).write_text(policy.to_json())
     assert export_checkpoint(ckpt_path, repo, "m", version=5).version == 5
+    assert ModelPolicy.load(repo / "m" / POLICY_FILE) == policy  # the operator's is kept
     assert next_version(repo / "m") == 6
 
     before = (repo / "m" / "5" / CONFIG_FILE).read_text()
@@ -163,6 +178,31 @@ def test_staging_folders_are_not_versions(tmp_path: Path) -> None:
     assert list_versions(model_dir) == [2]
     assert next_version(model_dir) == 3
     assert next_version(tmp_path / "absent") == 1
+
+
+def _staged(model_dir: Path, text: str) -> Path:
+    staging = repository_writer.stage(model_dir)
+    (staging / MODEL_FILE).write_text(text)
+    return staging
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_publish_replaces_only_with_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          exchange: bool) -> None:
+    if not exchange:  # the portable path: move the old folder aside, then rename
+        monkeypatch.setattr(repository_writer, "_exchange", lambda a, b: False)
+    model_dir = tmp_path / "m"
+    first = repository_writer.publish(_staged(model_dir, "v1"), model_dir, 1, force=False)
+    assert (first / MODEL_FILE).read_text() == "v1"
+
+    staging = _staged(model_dir, "v1 again")
+    with pytest.raises(repository_writer.RepositoryWriteError, match="--force"):
+        repository_writer.publish(staging, model_dir, 1, force=False)
+    assert (first / MODEL_FILE).read_text() == "v1" and staging.is_dir()
+
+    repository_writer.publish(staging, model_dir, 1, force=True)
+    assert (first / MODEL_FILE).read_text() == "v1 again"
+    assert _entries(model_dir) == ["1"]  # neither the staging nor the old folder is left
 
 
 def test_failure_mid_export_leaves_repository_untouched(
@@ -204,10 +244,16 @@ def test_parity_failure_fails_export_and_writes_nothing(
     assert not (tmp_path / "repo" / "m").exists()
 
 
-def test_tighter_tolerance_than_float_noise_fails(ckpt_path: Path, tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match=r"max abs diff .* exceeds the tolerance 1e-12"):
-        export_checkpoint(ckpt_path, tmp_path / "repo", "m", tolerance=1e-12)
-    assert list_versions(tmp_path / "repo" / "m") == []
+def test_cli_verification_failure_exits_1_and_writes_nothing(
+        ckpt_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 1e-12 is below float32 rounding noise: the check must fail, and say why.
+    code = main(["export", str(ckpt_path), "--repository", str(tmp_path), "--name", "m",
+                 "--tolerance", "1e-12"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "failed verification, nothing was written" in err
+    assert "exceeds the tolerance 1e-12" in err and "argmax diff" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- datasets and arguments --------------------------------------------------------------

@@ -100,3 +100,24 @@ async def test_the_http_endpoint_serves_the_registry_and_shuts_down() -> None:
     with pytest.raises(urllib.error.URLError):
         await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=2).read())
     server.shutdown()  # idempotent
+
+
+async def test_reloading_a_version_in_place_keeps_its_provider_active(model_repo: Path) -> None:
+    write_test_model(model_repo, "m", 1)
+    metrics = Metrics()
+    engine = Engine(EngineOptions(repository=model_repo, control_mode="explicit",
+                                  models=("m",)), metrics)
+    await engine.start()
+    try:
+        old = engine.get("m")
+        write_test_model(model_repo, "m", 1)  # a re-export replaces the files
+        await engine.load("m")
+        assert engine.get("m") is not old
+        assert value(metrics, "cnnserve_model_execution_provider",
+                     provider="CPUExecutionProvider", **M1) == 1
+        await engine.unload("m")
+        assert value(metrics, "cnnserve_model_execution_provider",
+                     provider="CPUExecutionProvider", **M1) == 0
+        assert value(metrics, "cnnserve_model_state", state="UNAVAILABLE", **M1) == 1
+    finally:
+        await engine.stop(5)

@@ -22,14 +22,8 @@ from cnnserve.server.model_config import (
     DynamicBatching,
     ModelPolicy,
 )
-from cnnserve.server.repository import (
-    IndexEntry,
-    Repository,
-    read_policy,
-    scan_model,
-    scan_repository,
-    select_versions,
-)
+from cnnserve.server.repository import IndexEntry, Repository
+from cnnserve.server.scan import read_policy, scan_model, scan_repository, select_versions
 
 
 class FakeServable:
@@ -174,7 +168,7 @@ async def test_a_failing_new_version_leaves_the_previous_one_serving(
     assert repo.index() == [
         IndexEntry("m", "1", "READY", ""),
         IndexEntry("m", "2", "UNAVAILABLE", "model 'm' version 2: broken on purpose")]
-    with pytest.raises(ModelNotReady, match="version 2 is UNAVAILABLE: .*broken on purpose"):
+    with pytest.raises(ModelNotReady, match=r"version 2 is UNAVAILABLE: .*broken on purpose"):
         repo.lookup("m", "2")
     assert metrics.registry.get_sample_value("cnnserve_model_load_failures_total",
                                              {"model": "m"}) == 1
@@ -206,7 +200,7 @@ async def test_bad_model_json_fails_the_load_and_keeps_what_serves(
     make_version(model_repo, "m", 1)
     await repo.load("m")
     (model_repo / "m" / POLICY_FILE).write_text('{"version_policy": {"latest": 0}}')
-    with pytest.raises(ModelLoadError, match="model 'm': .*version_policy"):
+    with pytest.raises(ModelLoadError, match=r"model 'm': .*version_policy"):
         await repo.load("m")
     assert repo.lookup("m").version == 1
 

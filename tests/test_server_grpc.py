@@ -154,8 +154,9 @@ async def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(
     inputs = [random_images(1 + i % 2, seed=100 + i) for i in range(8)]
     async with server.channel() as channel:
         rpc = stub(channel)
-        replies = await asyncio.gather(*(rpc.ModelInfer(infer_request("linear", x, request_id=str(i)))
-                                         for i, x in enumerate(inputs)))
+        replies = await asyncio.gather(*(
+            rpc.ModelInfer(infer_request("linear", x, request_id=str(i)))
+            for i, x in enumerate(inputs)))
         stats = await rpc.ModelStatistics(pb.ModelStatisticsRequest(name="linear"))
     for i, (x, reply) in enumerate(zip(inputs, replies, strict=True)):
         assert reply.id == str(i)

@@ -126,7 +126,7 @@ class VersionBuilder:
                   "the PyTorch model computes", parity)
         built = Built(precision=precision, opset=opset, exporter=exporter, parity=parity,
                       accuracy={"fp32": verify.accuracy(session, self.test.x, self.test.y,
-                                                        max_batch_size)})
+                                                        batches[-1])})
         if precision != "fp32":
             built = self._reduce(built, fp32_path, final, reference, session, batches)
             fp32_path.unlink()
@@ -146,11 +146,10 @@ class VersionBuilder:
                          if p in ort.get_available_providers()]
             tolerance = opts.fp16_tolerance
         stamp_metadata(final, self.metadata(precision, built.exporter))
-        parity_x = self.test.x[:opts.verify_images]
         try:
             session = verify.open_session(str(final), providers)
-            report = verify.compare(reference, session, parity_x, batches,
-                                    precision=precision, tolerance=tolerance)
+            report = verify.compare(reference, session, self.test.x[:opts.verify_images],
+                                    batches, precision=precision, tolerance=tolerance)
         except Exception as exc:  # onnxruntime's Fail/NotImplemented/RuntimeException
             reason = f"ONNX Runtime ({', '.join(providers)}) cannot run it: {exc}"
             if precision == "fp16" and opts.allow_unverified_fp16:
@@ -159,24 +158,29 @@ class VersionBuilder:
             raise ExportError(f"cannot verify the {precision} graph: {reason}" + (
                 "\n(--allow-unverified-fp16 writes it anyway)" if precision == "fp16" else ""
             )) from exc
-        log.debug("%s", report.format_table())
-        accuracy = {**built.accuracy, precision: verify.accuracy(
-            session, self.test.x, self.test.y, batches[-1])}
-        drop = accuracy["fp32"] - accuracy[precision]
-        failures = report.failures(exact_argmax=False)
-        if not drop <= opts.max_accuracy_drop:
-            failures.append(f"test accuracy fell from {accuracy['fp32']:.2f}% (fp32) to "
-                            f"{accuracy[precision]:.2f}% ({precision}), a drop of {drop:.2f} "
-                            f"points; at most {opts.max_accuracy_drop} is allowed "
-                            "(--max-accuracy-drop)")
-        _raise_if(failures, f"the {precision} graph is not accurate enough", report)
-        built = replace(built, reduced_parity=report, accuracy=accuracy)
+        built = self._judge(built, report, session, batches[-1])
         if precision == "int8" and opts.benchmark_seconds > 0:
             b = opts.benchmark_batch_size
             built = replace(built, throughput_batch_size=b, throughput={
                 name: verify.throughput(s, self.test.x, b, opts.benchmark_seconds)
                 for name, s in (("fp32", fp32_session), ("int8", session))})
         return built
+
+    def _judge(self, built: Built, report: verify.ParityReport,
+               session: ort.InferenceSession, batch_size: int) -> Built:
+        """Fail unless the reduced graph keeps test accuracy (and FP16 its tolerance)."""
+        precision, limit = built.precision, self.options.max_accuracy_drop
+        log.debug("%s", report.format_table())
+        accuracy = {**built.accuracy, precision: verify.accuracy(
+            session, self.test.x, self.test.y, batch_size)}
+        drop = accuracy["fp32"] - accuracy[precision]
+        failures = report.failures(exact_argmax=False)
+        if not drop <= limit:
+            failures.append(f"test accuracy fell from {accuracy['fp32']:.2f}% (fp32) to "
+                            f"{accuracy[precision]:.2f}% ({precision}), a drop of {drop:.2f} "
+                            f"points; at most {limit} is allowed (--max-accuracy-drop)")
+        _raise_if(failures, f"the {precision} graph is not accurate enough", report)
+        return replace(built, reduced_parity=report, accuracy=accuracy)
 
     def _calibration_images(self) -> Array:
         """A seeded random sample of normalised training images for INT8 calibration."""

@@ -92,8 +92,8 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
-        os.replace(tmp, path)
+        Path(tmp).chmod(0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
+        Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -144,7 +144,7 @@ def _train(args: argparse.Namespace) -> int:
     from cnnserve.training.config import TrainConfig
     from cnnserve.training.progress import Progress
 
-    given = {k: getattr(args, k) for k in _RECIPE if hasattr(args, k)}
+    given: dict[str, Any] = {k: getattr(args, k) for k in _RECIPE if hasattr(args, k)}
     epochs: int | None = getattr(args, "epochs", None)
     resume = None
     if args.resume is not None:

@@ -31,7 +31,7 @@ from cnnserve.training.verify import ParityReport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportResult", "export_checkpoint", "next_version"]
+__all__ = ["ExportError", "ExportOptions", "ExportResult", "export_checkpoint", "next_version"]
 
 QUANTIZE_CHOICES = ("int8",)
 MIN_OPSET = 13
@@ -110,9 +110,10 @@ def export_checkpoint(checkpoint_path: Path, repository: Path, name: str, *,
 
     ``version`` defaults to the next free one; an existing version is refused unless
     ``force``. ``quantize="int8"`` or ``fp16=True`` write a reduced-precision graph instead
-    of FP32 (not both). Raises :class:`ExportError` for bad arguments, a failed check or
-    a taken version; CheckpointError/DatasetError (both :class:`CnnserveError`) for an
-    unreadable checkpoint or a missing verification dataset. Nothing is written on failure.
+    of FP32 (not both); ``options`` tunes verification. Raises :class:`ExportError` for bad
+    arguments, a failed check, a missing verification dataset (quoting the dataset's error)
+    or a taken version, and CheckpointError (a :class:`CnnserveError`) for an unreadable
+    checkpoint. Nothing is written on failure.
     """
     opts = options or ExportOptions()
     precision = _check_arguments(name, version, opset, max_batch_size, quantize, fp16,
@@ -131,11 +132,16 @@ def export_checkpoint(checkpoint_path: Path, repository: Path, name: str, *,
             version = next_version(model_dir)
         config = builder.config(name, built, max_batch_size=max_batch_size)
         (staging / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
-        repo.ensure_policy(model_dir)
-        target = repo.publish(staging, model_dir, version, force=force)
+        try:
+            target = repo.publish(staging, model_dir, version, force=force)
+        except repo.RepositoryWriteError as exc:
+            raise ExportError(str(exc)) from exc
     except BaseException:
         repo.discard(staging, model_dir, created_model_dir=created)
         raise
+    # After the version: a server that sees no model.json uses these same defaults.
+    repo.ensure_policy(model_dir)
+    log.debug("wrote %s version %d of '%s' to %s", precision, version, name, target)
     return ExportResult(
         version_dir=target, version=version, model_path=target / MODEL_FILE, config=config,
         precision=precision, exporter=built.exporter, parity=built.parity,

@@ -27,13 +27,15 @@ class LayerShape:
         return "x".join(str(d) for d in self.shape)
 
 
-def _window(size: int, k: int, stride: int, pad: int) -> tuple[int, bool, str]:
-    """Output size along one axis (floored), whether it is exact, and the filled-in formula."""
+def _window(size: int, k: int, stride: int, pad: int) -> tuple[int, int, str]:
+    """Along one axis: output size (floored), input pixels the windows never reach, and the
+    filled-in formula. A fractional result only matters when the remainder reaches past the
+    trailing padding into real pixels."""
     num = size - k + 2 * pad
-    exact = num % stride == 0
     out = num // stride + 1
-    value = f"{out}" if exact else f"{num / stride + 1:g}"
-    return out, exact, f"({size} - {k} + 2*{pad})/{stride} + 1 = {value}"
+    skipped = max(0, num % stride - pad)
+    value = f"{out}" if num % stride == 0 else f"{num / stride + 1:g}"
+    return out, skipped, f"({size} - {k} + 2*{pad})/{stride} + 1 = {value}"
 
 
 def _table(rows: list[LayerShape], mark: int | None = None) -> str:
@@ -86,15 +88,16 @@ def _spatial(rows: list[LayerShape], layer: Layer, shape: tuple[int, ...]) -> tu
     is_conv = layer.kind == "conv"
     if not is_conv and 2 * pad > k:
         raise _fail(rows, layer, f"has padding {pad} larger than half its window {k}")
-    out_h, exact_h, f_h = _window(h, k, stride, pad)
-    out_w, exact_w, f_w = _window(w, k, stride, pad)
-    for size, exact, formula, axis in ((out_h, exact_h, f_h, "height"),
-                                       (out_w, exact_w, f_w, "width")):
+    out_h, skip_h, f_h = _window(h, k, stride, pad)
+    out_w, skip_w, f_w = _window(w, k, stride, pad)
+    for size, skipped, formula, axis in ((out_h, skip_h, f_h, "height"),
+                                         (out_w, skip_w, f_w, "width")):
         if size < 1:
             raise _fail(rows, layer, f"shrinks the feature map below 1x1: {axis} {formula}")
-        if is_conv and not exact:
-            raise _fail(rows, layer, f"gives a {axis} that is not a whole number: {formula}; "
-                                     "change the padding or stride so the kernel fits")
+        if is_conv and skipped:
+            raise _fail(rows, layer, f"gives a {axis} that is not a whole number: {formula}, "
+                                     f"so its windows never reach the last {skipped} px; "
+                                     "change the padding or stride")
     return (layer.int_arg("out") if is_conv else c), out_h, out_w
 
 

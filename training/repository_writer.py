@@ -2,7 +2,8 @@
 
 A version is assembled in a hidden staging folder inside the model folder (``.tmp-...``;
 :func:`cnnserve.server.model_config.list_versions` ignores every name that is not a positive
-integer), flushed to disk, then renamed to ``<model>/<version>`` in one ``rename`` call.
+integer), flushed to disk, then renamed to ``<model>/<version>`` in one ``rename`` call. A
+forced re-export swaps the old and new folders in one call where Linux allows it.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ def stage(model_dir: Path) -> Path:
 def publish(staging: Path, model_dir: Path, version: int, *, force: bool) -> Path:
     """Flush ``staging`` to disk and rename it to ``model_dir/<version>``; return that path.
 
-    An existing version is replaced only with ``force`` (the old folder is moved aside first,
-    and put back if the swap fails). Raises :class:`RepositoryWriteError` when the version
-    exists without ``force``, including one that another export created meanwhile.
+    An existing version is replaced only with ``force`` (see :func:`_replace`). Raises
+    :class:`RepositoryWriteError` when the version exists without ``force``, including one
+    that another export created meanwhile.
     """
     _fsync_tree(staging)
     target = model_dir / str(version)

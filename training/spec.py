@@ -21,9 +21,10 @@ Layers (arguments positional or by name; sizes in pixels):
 Whitespace and newlines are free; ``#`` starts a comment (handy in ``@file`` specs). The
 last layer must be ``fc(n)`` with n = number of classes; the network outputs logits.
 
-Feature-map sizes follow ``(W - F + 2P)/S + 1`` per axis. A convolution whose size is not a
-whole number, or any layer that shrinks the map below 1x1, is rejected before training,
-listing the computed size after every layer. Pooling rounds down, as PyTorch does.
+Feature-map sizes follow ``(W - F + 2P)/S + 1`` per axis. A convolution whose windows would
+never reach some input pixels (a fractional size that the padding does not absorb), or any
+layer that shrinks the map below 1x1, is rejected before training, listing the computed size
+after every layer. Otherwise sizes round down, as in PyTorch.
 """
 
 from __future__ import annotations
