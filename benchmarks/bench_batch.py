@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import free_port, wait_ready  # noqa: E402
-from lenet_onnx import write_lenet_repository  # noqa: E402
+from bench_server import free_port, wait_ready
+from lenet_onnx import write_lenet_repository
 
-from cnnserve.client.batch import BatchOptions, run_batch  # noqa: E402
+from cnnserve.client.batch import BatchOptions, run_batch
 
 
 def _args() -> argparse.Namespace:

@@ -28,10 +28,10 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lenet_onnx import write_lenet_repository  # noqa: E402
+from lenet_onnx import write_lenet_repository
 
-from cnnserve.proto import grpc_service_pb2 as pb  # noqa: E402
-from cnnserve.proto import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from cnnserve.proto import grpc_service_pb2 as pb
+from cnnserve.proto import grpc_service_pb2_grpc as pb_grpc
 
 HERE = Path(__file__).resolve().parent
 
@@ -131,11 +131,16 @@ def in_process_ort(model_path: Path, batch: int, duration: float) -> Result:
                   float(np.percentile(lat, 99)), batch, 0)
 
 
-def wait_ready(address: str, timeout: float = 60) -> None:
+def wait_ready(address: str, proc: subprocess.Popen[bytes], log: Path,
+               timeout: float = 60) -> None:
+    """Wait until the server at ``address`` is ready; fail early (with its log) if it exits."""
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server for {address} exited with status {proc.returncode}:"
+                                   f"\n{log.read_text(errors='replace')[-2000:]}")
             try:
                 if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
                     return
@@ -152,8 +157,10 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def start(cmd: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a server with its output in ``log`` (read back if it fails to start)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
 
 def main() -> None:
@@ -175,17 +182,19 @@ def main() -> None:
     procs = {
         "cnnserve": start([cnnserve_bin, "serve", "--repository", str(tmp / "repo"),
                            "--host", "127.0.0.1", "--grpc-port", str(ports["cnnserve"]),
-                           "--metrics-port", str(free_port()), "--log-level", "warning"]),
+                           "--metrics-port", str(free_port()), "--log-level", "WARNING"],
+                          tmp / "cnnserve.log"),
         "constant": start([sys.executable, str(HERE / "baseline_servers.py"), "constant",
-                           "--port", str(ports["constant"])]),
+                           "--port", str(ports["constant"])], tmp / "constant.log"),
         "naive": start([sys.executable, str(HERE / "baseline_servers.py"), "naive",
-                        "--port", str(ports["naive"]), "--model", str(model_path)]),
+                        "--port", str(ports["naive"]), "--model", str(model_path)],
+                       tmp / "naive.log"),
     }
     rows: list[tuple[str, str, Result]] = []
     peak_rss = 0.0
     try:
         for name, port in ports.items():
-            wait_ready(f"127.0.0.1:{port}")
+            wait_ready(f"127.0.0.1:{port}", procs[name], tmp / f"{name}.log")
         for conc, batch in scenarios:
             label = f"c={conc} b={batch}"
             for name, port in ports.items():

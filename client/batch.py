@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -201,8 +202,6 @@ async def run_batch_async(options: BatchOptions) -> Summary:
                                     token=options.token, retries=options.retries) as client:
         info = await client.model_info(options.model, options.version)
         source = open_source(options.input, info)
-        from pathlib import Path
-
         results = ResultsFile(Path(options.output), options.format)
         resumed = results.resume(retry_failed=options.retry_failed)
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnserve.client._codec import numpy_dtype
 from cnnserve.client._infer import preprocess
 from cnnserve.client._model import ModelInfo
 from cnnserve.client.errors import ImageError
@@ -108,8 +109,6 @@ def _to_nchw(array: np.ndarray, info: ModelInfo, what: str) -> np.ndarray:
                             f"'{info.name}' input {c}x{h}x{w}; expected [N, {c}, {h}, {w}], "
                             f"[N, {h}, {w}, {c}]" + (f" or [N, {h}, {w}]" if c == 1 else ""))
     if out.dtype.kind == "f":
-        from cnnserve.client._codec import numpy_dtype
-
         out = out.astype(numpy_dtype(info.image_input.datatype), copy=False)
     return np.ascontiguousarray(out)
 

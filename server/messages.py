@@ -7,6 +7,7 @@ KServe v2 and Triton clients expect (Triton's ModelConfig omits the batch dimens
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -62,9 +63,28 @@ def model_config(model: LoadedModel) -> mc.ModelConfig:
             name=model.name, count=1,
             kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)],
         default_model_filename=MODEL_FILE,
-        parameters={"execution_providers": mc.ModelParameter(
-            string_value=",".join(model.providers))},
+        parameters=config_parameters(model),
     )
+
+
+def config_parameters(model: LoadedModel) -> dict[str, mc.ModelParameter]:
+    """What a client needs beyond the signature, as JSON strings in ModelConfig.parameters.
+
+    ``labels`` (list of class names) and ``normalization`` ({"mean": [...], "std": [...]},
+    applied as (pixel/255 - mean) / std per channel) let a client turn an image into the
+    model's input and its output into class names; the protocol has no fields for them.
+    """
+    config = model.config
+    params = {
+        "execution_providers": mc.ModelParameter(string_value=",".join(model.providers)),
+        "precision": mc.ModelParameter(string_value=config.precision),
+    }
+    if config.labels:
+        params["labels"] = mc.ModelParameter(string_value=json.dumps(list(config.labels)))
+    if config.normalization is not None:
+        params["normalization"] = mc.ModelParameter(string_value=json.dumps(
+            {"mean": list(config.normalization.mean), "std": list(config.normalization.std)}))
+    return params
 
 
 def data_type(datatype: str) -> mc.DataType.ValueType:

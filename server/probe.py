@@ -94,7 +94,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="check this model's health instead of the whole server's "
                              "(env CNNSERVE_PROBE_MODEL)")
     parser.add_argument("--timeout", type=float,
-                        default=float(env.get("CNNSERVE_PROBE_TIMEOUT") or DEFAULT_TIMEOUT_S),
+                        # a string default goes through type=float, so a bad value in the
+                        # environment is a usage error (exit 1), not a traceback
+                        default=env.get("CNNSERVE_PROBE_TIMEOUT") or str(DEFAULT_TIMEOUT_S),
                         help="seconds to wait for the answer, connecting included "
                              f"(env CNNSERVE_PROBE_TIMEOUT; default {DEFAULT_TIMEOUT_S})")
     parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,

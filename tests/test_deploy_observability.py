@@ -25,6 +25,7 @@ from conftest import linear_expected, write_test_model
 from deploy_server_support import (
     RunningServer,
     drive_requests,
+    probe,
     running_server,
     sent_input,
     serve_unavailable_reason,
@@ -129,6 +130,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     write_test_model(work / "models", "tiny", 1)
     with running_server(work / "models", work) as running:
         yield running
+
+
+def test_probe_checks_the_real_server_and_each_model(server: RunningServer) -> None:
+    ok = probe(server.address, "--model", "tiny")
+    assert ok.returncode == 0 and ok.stdout.startswith("SERVING"), ok.stderr
+    missing = probe(server.address, "--model", "no-such-model")
+    assert missing.returncode == 1 and missing.stderr.startswith("NOT_FOUND"), missing.stderr
 
 
 def metric_families(text: str) -> dict[str, Any]:

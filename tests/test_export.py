@@ -316,6 +316,17 @@ def test_torchscript_fallback_when_torch_export_fails(
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
+def test_both_exporters_failing_is_an_export_error(
+        ckpt_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, dynamo: bool) -> None:
+        raise RuntimeError(f"unsupported operator (dynamo={dynamo})")
+
+    monkeypatch.setattr(onnx_graph, "_run_exporter", broken)
+    with pytest.raises(ExportError, match=r"(?s)both exporters.*dynamo=True.*dynamo=False"):
+        export_checkpoint(ckpt_path, tmp_path, "m")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- command line ------------------------------------------------------------------------
 
 def test_cli_exports_and_prints_figures(ckpt_path: Path, tmp_path: Path,

@@ -24,8 +24,14 @@ from cnnserve.errors import CnnserveError
 from cnnserve.preprocess import normalize
 from cnnserve.server.model_config import MODEL_FILE, Normalization, TensorSpec, VersionConfig
 from cnnserve.training import verify
-from cnnserve.training.onnx_graph import INPUT, OUTPUTS, export_onnx, stamp_metadata
-from cnnserve.training.quantize import convert_fp16, quantize_int8
+from cnnserve.training.onnx_graph import (
+    INPUT,
+    OUTPUTS,
+    GraphError,
+    export_onnx,
+    stamp_metadata,
+)
+from cnnserve.training.quantize import QuantizationError, convert_fp16, quantize_int8
 
 if TYPE_CHECKING:
     from cnnserve.training.checkpoint import Checkpoint
@@ -104,7 +110,17 @@ class VersionBuilder:
 
     def build(self, staging: Path, *, precision: str, opset: int, max_batch_size: int,
               tolerance: float) -> Built:
-        """Write ``staging/model.onnx`` in ``precision`` and verify it; return its figures."""
+        """Write ``staging/model.onnx`` in ``precision`` and verify it; return its figures.
+
+        Raises :class:`ExportError` when export, conversion or verification fails.
+        """
+        try:
+            return self._build(staging, precision, opset, max_batch_size, tolerance)
+        except (GraphError, QuantizationError) as exc:
+            raise ExportError(str(exc)) from exc
+
+    def _build(self, staging: Path, precision: str, opset: int, max_batch_size: int,
+               tolerance: float) -> Built:
         final = staging / MODEL_FILE
         fp32_path = final if precision == "fp32" else staging / "fp32.onnx"
         log.info("exporting %s to ONNX opset %d", self.checkpoint_path.name, opset)

@@ -53,8 +53,9 @@ def export_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, int,
     """Write ``model`` (eval mode) as ONNX to ``path``; return the exporter used.
 
     The file holds every weight (no external data), the batch dimension is symbolic, and
-    the opset is ``opset``. Raises :class:`GraphError` if neither exporter succeeds or the
-    result is malformed (checked with ``onnx.checker``).
+    the opset is ``opset``. A result that misses any of these (e.g. the dynamo exporter could
+    not convert down to ``opset``) counts as a failure of that exporter. Raises
+    :class:`GraphError` if neither exporter succeeds or the result fails ``onnx.checker``.
     """
     wrapped = _Serving(model).eval()
     # Batch 2, not 1: torch.export specialises a dimension whose example size is 0 or 1.
@@ -64,14 +65,15 @@ def export_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, int,
         try:
             with _quiet():
                 _run_exporter(wrapped, example, path, opset, dynamo=exporter == "dynamo")
+            model_proto = onnx.load(str(path))
+            _check_signature(model_proto, opset)
             break
         except Exception as exc:  # the exporters raise many unrelated types
-            log.warning("the %s ONNX exporter failed: %s", exporter, str(exc).splitlines()[0])
-            errors.append(f"{exporter}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+            first = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+            log.warning("the %s ONNX exporter failed: %s", exporter, first)
+            errors.append(f"{exporter}: {first}")
     else:
         raise GraphError("ONNX export failed with both exporters:\n  " + "\n  ".join(errors))
-    model_proto = onnx.load(str(path))
-    _check_signature(model_proto, opset)
     _name_batch_dims(model_proto)
     save(model_proto, path)
     return exporter
@@ -110,9 +112,8 @@ def _quiet() -> Iterator[None]:
 def _check_signature(model: onnx.ModelProto, opset: int) -> None:
     got = opset_of(model)
     if got != opset:
-        raise GraphError(f"the exporter produced opset {got}, not the requested {opset} "
-                         f"(conversion to {opset} is not possible for this model); "
-                         f"export with --opset {got}")
+        raise GraphError(f"the exporter produced opset {got}, not the requested {opset}; "
+                         f"try --opset {got}")
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     if inputs != [INPUT] or outputs != list(OUTPUTS):
