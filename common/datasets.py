@@ -116,11 +116,6 @@ def load_split(name: str, split: str, *, seed: int = 0, val_fraction: float = 0.
     return ds.train if split == "train" else ds.val
 
 
-def class_names_of(name: str, *, download: bool = False) -> tuple[str, ...]:
-    """Return the class names of dataset ``name`` (loads it; raises :class:`DatasetError`)."""
-    return _load_raw(name, download=download).class_names
-
-
 def _load_raw(name: str, *, download: bool) -> RawDataset:
     # Imported here: dataset_sources imports ImageSet and DatasetError from this module.
     from cnnserve import dataset_sources as sources

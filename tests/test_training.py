@@ -86,6 +86,17 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     assert resumed.best_epoch == straight.best_epoch
 
 
+def test_resuming_a_finished_cosine_run_replans_the_schedule() -> None:
+    config = _digits(epochs=2)
+    first = train(config)
+    longer = train(dataclasses.replace(config, epochs=4), resume=first.checkpoint)
+    # Epochs 1-2 ran on the 2-epoch plan (1, 1/2 of the base rate); epochs 3-4 follow the
+    # 4-epoch plan from where it stands: (1 + cos(2pi/4))/2 = 1/2, (1 + cos(3pi/4))/2.
+    assert [h.lr for h in longer.history] == pytest.approx(
+        [3e-3, 1.5e-3, 1.5e-3, 3e-3 * 0.1464466], rel=1e-5)
+    assert longer.history[:2] == first.history
+
+
 def test_resume_needs_training_state() -> None:
     ckpt = dataclasses.replace(train(_digits(epochs=1)).checkpoint, train_state=None)
     with pytest.raises(CheckpointError, match="no training state"):

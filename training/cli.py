@@ -40,13 +40,11 @@ outputs in --out: checkpoint.pt, metrics.json, training_curve.png, confusion_mat
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add ``train`` and ``evaluate`` (and ``export`` when available) to the parser."""
+    """Add ``train``, ``evaluate`` and ``export`` to the parser."""
+    from cnnserve.training import export_cli
+
     _register_train(sub)
     _register_evaluate(sub)
-    try:
-        from cnnserve.training import export_cli  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:  # written by another part of the project; absent in partial checkouts
-        return
     export_cli.register(sub)
 
 
@@ -148,6 +146,10 @@ def _quiet_openmp() -> None:
 
 def _train(args: argparse.Namespace) -> int:
     _quiet_openmp()
+    from cnnserve.training.spec import parse_spec, resolve_arch
+
+    if hasattr(args, "arch"):  # fail on a bad spec before paying for torch and the data
+        parse_spec(resolve_arch(args.arch)[1])
     from cnnserve.training import report, trainer
     from cnnserve.training.checkpoint import load_checkpoint, save_checkpoint
     from cnnserve.training.config import TrainConfig
@@ -165,7 +167,9 @@ def _train(args: argparse.Namespace) -> int:
         config = trainer.resume_config(resume, epochs)
         out = args.out or args.resume.parent
     else:
-        config = TrainConfig(**given, **({} if epochs is None else {"epochs": epochs}))
+        if epochs is not None:
+            given["epochs"] = epochs
+        config = TrainConfig(**given)
         out = args.out or Path("runs") / _slug(f"{config.arch}-{config.dataset}")
     if args.download:
         config = dataclasses.replace(config, download=True)

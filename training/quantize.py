@@ -5,12 +5,14 @@ Both keep the FP32 model's interface (float32 ``input``, float32 ``logits`` and
 
 * INT8: ONNX Runtime static quantization in QDQ format, per-channel int8 weights and uint8
   activations (the U8S8 combination ONNX Runtime's x86 kernels are fastest at), calibrated with
-  min/max ranges on normalised training images. The softmax and the final logits stay in
-  float: quantizing them would round probabilities to steps of 1/255 and could turn a clear
-  argmax into a tie.
+  min/max ranges on normalised training images. The softmax and the outputs of fully
+  connected layers (the logits among them) stay float: quantizing them would round
+  probabilities to steps of 1/255 and could turn a clear argmax into a tie.
 * FP16: weights and every activation in float16, with a Cast after the input and before each
-  output. Meant for CUDA; ONNX Runtime's CPU provider runs it too (it upcasts the ops it has
-  no float16 kernel for), which is how export verifies it on a machine without a GPU.
+  output. Meant for CUDA; ONNX Runtime's CPU provider runs it too (it inserts casts to
+  float32 around ops it has no float16 kernel for), which is how export verifies it on a
+  machine without a GPU. That check covers the graph and the float16 rounding of weights
+  and activations between ops, not CUDA's float16 arithmetic inside them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from cnnserve.errors import CnnserveError
 log = logging.getLogger(__name__)
 
 INPUT = "input"
-#: Op types whose outputs stay float in the INT8 graph (the logits come out of Gemm/MatMul).
+#: Op types whose outputs stay float in the INT8 graph (the logits come out of Gemm).
 _FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
 _FLOAT_OPS = ("Softmax",)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -119,11 +120,17 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def ensure_policy(model_dir: Path) -> bool:
-    """Write the default ``model.json`` into ``model_dir`` if it has none; True if written."""
+    """Write a starting ``model.json`` into ``model_dir`` if it has none; True if written.
+
+    It holds only the version policy: batching keys left out fall back to the server's
+    --max-queue-delay-us / --max-queue-size flags and then to ModelPolicy's defaults, so
+    writing them here would silently override the operator's server-wide settings.
+    """
     path = model_dir / POLICY_FILE
     if path.exists():
         return False
-    write_atomically(path, ModelPolicy().to_json())
+    policy = {"version_policy": ModelPolicy().version_policy}
+    write_atomically(path, json.dumps(policy, indent=2, sort_keys=True) + "\n")
     return True
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -142,10 +143,10 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
     """
     progress = progress or Progress(enabled=False)
     torch.manual_seed(config.seed)
-    data = dataset or load_dataset(config.dataset, seed=config.seed,
-                                   val_fraction=config.val_fraction, download=config.download)
     arch_name, spec_text = resolve_arch(config.arch)
     layers = parse_spec(spec_text)
+    data = dataset or load_dataset(config.dataset, seed=config.seed,
+                                   val_fraction=config.val_fraction, download=config.download)
     model = build_network(layers, data.input_shape, len(data.class_names))
     mean, std = channel_stats(data.train.images)  # training split only: no leakage
     x_train, y_train = to_tensor(data.train.images, mean, std), torch.from_numpy(data.train.labels)
@@ -157,8 +158,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
     best, elapsed = _Best(), 0.0
     if resume is not None:
         history, elapsed = _restore(resume, model, opt, sched, gen, best)
-        if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
-            sched.T_max = config.epochs  # --epochs may extend the run
+        _stretch_cosine(sched, opt, config.epochs)
     background = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)])
     shift, flip = AUGMENT_POLICY.get(data.name, (max(1, min(data.input_shape[1:]) // 16), False))
     augment = ((lambda xb: augment_batch(xb, background, flip, gen, shift))
@@ -245,6 +245,22 @@ def _restore(ckpt: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer,
                               f"this recipe ({exc})") from exc
     best.weights = copy.deepcopy(ckpt.state_dict)
     return history, float(state.get("elapsed_seconds", 0.0))
+
+
+def _stretch_cosine(sched: torch.optim.lr_scheduler.LRScheduler | None,
+                    opt: torch.optim.Optimizer, epochs: int) -> None:
+    """Re-plan a resumed cosine schedule for a new total of ``epochs``.
+
+    The scheduler updates the rate recursively from its current value, so a finished run
+    (rate 0) would stay at 0; instead set the rate the new plan has at this epoch.
+    """
+    if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) \
+            or sched.T_max == epochs:
+        return
+    sched.T_max = epochs
+    progress = math.cos(math.pi * sched.last_epoch / epochs)
+    for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
+        group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + progress) / 2
 
 
 def resume_config(ckpt: Checkpoint, epochs: int | None) -> TrainConfig:
