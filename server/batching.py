@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cnnserve.server.errors import (
     DeadlineExceeded,
@@ -49,17 +50,22 @@ class BatchPolicy:
     max_queue_size: int = 1024
 
 
-@dataclass(slots=True, eq=False)
 class _Request:
-    inputs: Mapping[str, Array]
-    outputs: Sequence[str]
-    rows: int
-    future: asyncio.Future[Result]
-    deadline: float | None  # time.monotonic() instant
-    arrival: float = field(default_factory=time.monotonic)
-    arrival_ns: int = field(default_factory=time.monotonic_ns)
-    queued: bool = True  # in the deque (not yet taken, expired or cancelled)
-    timer: asyncio.TimerHandle | None = None  # fires at the deadline
+    """One queued request (a plain slotted class: one is built per request)."""
+
+    __slots__ = ("arrival", "arrival_ns", "deadline", "future", "inputs", "outputs", "queued",
+                 "rows")
+
+    def __init__(self, inputs: Mapping[str, Array], outputs: Sequence[str], rows: int,
+                 future: asyncio.Future[Result], deadline: float | None) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.rows = rows
+        self.future = future
+        self.deadline = deadline  # time.monotonic() instant
+        self.arrival_ns = time.monotonic_ns()
+        self.arrival = self.arrival_ns / 1e9  # the same clock as time.monotonic()
+        self.queued = True  # in the deque (not yet taken, expired or cancelled)
 
 
 class Batcher:
@@ -80,6 +86,11 @@ class Batcher:
         self._max_preferred = max(policy.preferred_batch_sizes, default=0)
         self._queue: deque[_Request] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        # One timer for the earliest deadline in the queue rather than one per request:
+        # arming and cancelling a TimerHandle per request costs more than the request's
+        # whole trip through the batcher. _sweep_at is when it fires (inf: not armed).
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
         self._task: asyncio.Task[None] | None = None
         self._draining = False
         self._closed = False
@@ -136,11 +147,11 @@ class Batcher:
         loop = asyncio.get_running_loop()
         request = _Request(inputs, outputs, rows, loop.create_future(), deadline)
         if deadline is not None:
-            left = deadline - request.arrival
-            if left <= 0:
+            if deadline <= request.arrival:
                 self._stats.record_failure(0)
                 raise DeadlineExceeded(f"{self._where}: the deadline had passed on arrival")
-            request.timer = loop.call_later(left, self._expire, request)
+            if deadline < self._sweep_at:
+                self._arm_sweep(loop, deadline)
         self._queue.append(request)
         self._metrics.queue_depth.inc()
         self._wake()
@@ -151,16 +162,37 @@ class Batcher:
             request.queued = False
             self._queue.remove(request)
             self._metrics.queue_depth.dec()
-        if request.timer is not None:
-            request.timer.cancel()
 
-    def _expire(self, request: _Request) -> None:
-        if request.queued:
+    def _arm_sweep(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = when
+        # loop.time() is time.monotonic(), the clock deadlines are stated in.
+        self._sweep = loop.call_at(when, self._expire_due)
+
+    def _cancel_sweep(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        self._sweep_at = math.inf
+
+    def _expire_due(self) -> None:
+        """Fail every queued request whose deadline has passed; re-arm for the next one.
+
+        The timer may be stale (its request already left the queue): then it only re-arms.
+        """
+        self._sweep, self._sweep_at = None, math.inf
+        now = time.monotonic()
+        expired = [r for r in self._queue if r.deadline is not None and r.deadline <= now]
+        for request in expired:
             self._forget(request)
-            waited_ms = (time.monotonic() - request.arrival) * 1e3
+            waited_ms = (now - request.arrival) * 1e3
             _fail(request, DeadlineExceeded(f"{self._where}: the deadline passed after "
                                             f"{waited_ms:.1f} ms in the queue; the request "
                                             "was dropped before compute"))
+        upcoming = [r.deadline for r in self._queue if r.deadline is not None]
+        if upcoming:
+            self._arm_sweep(asyncio.get_running_loop(), min(upcoming))
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -193,6 +225,7 @@ class Batcher:
             if not self._queue:
                 if self._draining:
                     self._closed = True
+                    self._cancel_sweep()
                     return None
                 await self._sleep(None)
                 continue
@@ -225,9 +258,8 @@ class Batcher:
         batch = [self._queue.popleft() for _ in range(count)]
         for request in batch:
             request.queued = False
-            if request.timer is not None:
-                request.timer.cancel()
-        self._metrics.queue_depth.dec(count)
+        if count:
+            self._metrics.queue_depth.dec(count)
         return batch
 
     async def _execute(self, batch: list[_Request]) -> None:
@@ -291,6 +323,7 @@ class Batcher:
     def _fail_queued(self, error: Callable[[], ServingError]) -> None:
         for request in self._take(len(self._queue)):
             _fail(request, error())
+        self._cancel_sweep()
 
 
 def _fail(request: _Request, error: BaseException) -> None:

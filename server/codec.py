@@ -63,8 +63,8 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
     whose size does not match the tensor's shape and datatype.
     """
     model = request.model_name
-    tensors = list(request.inputs)
-    raw = list(request.raw_input_contents)
+    tensors = request.inputs
+    raw = request.raw_input_contents
     if raw:
         typed = [t.name for t in tensors if t.HasField("contents")]
         if typed:
@@ -77,23 +77,26 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
                 f"{len(tensors)} inputs; expected one per input")
     decoded = []
     for index, tensor in enumerate(tensors):
-        shape = _checked_shape(model, tensor)
+        name, datatype = tensor.name, tensor.datatype
+        shape = _checked_shape(model, name, datatype, tensor.shape)
         if raw:
-            data = _from_raw(model, tensor.name, tensor.datatype, shape, raw[index])
+            # Each read of a repeated bytes field copies it out of the message: read once.
+            data = _from_raw(model, name, datatype, shape, raw[index])
         else:
             data = _from_contents(model, tensor, shape)
-        decoded.append(InputTensor(tensor.name, tensor.datatype, shape, data))
+        decoded.append(InputTensor(name, datatype, shape, data))
     return decoded
 
 
-def _checked_shape(model: str, tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
-    if tensor.datatype not in DATATYPES:
+def _checked_shape(model: str, name: str, datatype: str,
+                   dims: Sequence[int]) -> tuple[int, ...]:
+    if datatype not in DATATYPES:
         raise InvalidRequest(
-            f"model '{model}' input '{tensor.name}': datatype '{tensor.datatype}' is not one "
+            f"model '{model}' input '{name}': datatype '{datatype}' is not one "
             f"of {sorted(DATATYPES)}")
-    shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidRequest(f"model '{model}' input '{tensor.name}': shape "
+    shape = tuple(dims)
+    if shape and min(shape) < 0:
+        raise InvalidRequest(f"model '{model}' input '{name}': shape "
                              f"{format_shape(shape)} has a negative dimension")
     return shape
 

@@ -77,7 +77,9 @@ class LoadedModel:
                  metrics: Metrics) -> None:
         self.name = config.name
         self.version = version
+        self.version_label = str(version)  # as requests, responses and metrics carry it
         self.config = config
+        self.output_datatypes = {t.name: t.datatype for t in config.outputs}
         self.policy = policy
         self.providers = runtime.providers
         self._runtime = runtime

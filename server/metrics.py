@@ -46,6 +46,18 @@ class VersionMetrics:
         self.compute_duration.observe(compute_s)
 
 
+class _RequestSeries:
+    """The request-path series of one (model, version), labels bound once."""
+
+    __slots__ = ("duration", "failures", "inflight", "requests")
+
+    def __init__(self, requests: Any, inflight: Any, duration: Any) -> None:
+        self.requests = requests
+        self.inflight = inflight
+        self.duration = duration
+        self.failures: dict[str, Any] = {}  # reason -> bound counter
+
+
 class Metrics:
     """All cnnserve series, registered in ``registry`` (a new private one by default)."""
 
@@ -90,20 +102,36 @@ class Metrics:
         self.execution_provider = Gauge("cnnserve_model_execution_provider",
                                         "1 for each active ONNX Runtime execution provider.",
                                         (*_MV, "provider"), registry=r)
+        self._request_series: dict[tuple[str, str], _RequestSeries] = {}
 
     # -- called by the wire layer -------------------------------------------------------
     def request_started(self, model: str, version: str) -> None:
         """A request for ``model``/``version`` arrived (use UNKNOWN_MODEL for unknown ones)."""
-        self.requests.labels(model, version).inc()
-        self.inflight.labels(model, version).inc()
+        series = self._request_series.get((model, version)) or self._bind(model, version)
+        series.requests.inc()
+        series.inflight.inc()
 
     def request_finished(self, model: str, version: str, seconds: float,
                          reason: str | None) -> None:
         """The request was answered after ``seconds``; ``reason`` None means success."""
-        self.inflight.labels(model, version).dec()
-        self.request_duration.labels(model, version).observe(seconds)
+        series = self._request_series.get((model, version)) or self._bind(model, version)
+        series.inflight.dec()
+        series.duration.observe(seconds)
         if reason is not None:
-            self.request_failures.labels(model, version, reason).inc()
+            failures = series.failures.get(reason)
+            if failures is None:
+                failures = series.failures[reason] = self.request_failures.labels(
+                    model, version, reason)
+            failures.inc()
+
+    def _bind(self, model: str, version: str) -> _RequestSeries:
+        # labels() costs ~5 us (argument checks, a lock, a dict keyed by label tuples); the
+        # request path binds each (model, version) once. The keys are bounded like the label
+        # values themselves: repository models plus UNKNOWN_MODEL.
+        series = self._request_series[(model, version)] = _RequestSeries(
+            self.requests.labels(model, version), self.inflight.labels(model, version),
+            self.request_duration.labels(model, version))
+        return series
 
     # -- called by the engine -----------------------------------------------------------
     def for_version(self, model: str, version: int) -> VersionMetrics:

@@ -121,12 +121,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._metrics.request_started(name, "")
             self._metrics.request_finished(name, "", time.monotonic() - started, exc.reason)
             raise
-        labels = (model.name, str(model.version))
-        self._metrics.request_started(*labels)
+        name, version = model.name, model.version_label
+        self._metrics.request_started(name, version)
         reason: str | None = "internal"
         try:
-            deadline = request_deadline(request.parameters, remaining, started)
-            response = await self._infer(model, request, deadline)
+            # One coroutine for the whole request (no awaited helper): each extra coroutine
+            # frame is measurable at thousands of requests per second.
+            parameters = request.parameters
+            if parameters:
+                deadline = request_deadline(parameters, remaining, started)
+            else:
+                deadline = None if remaining is None else started + remaining
+            inputs = validate_inputs(name, model.config, decode_inputs(request))
+            requested = validate_outputs(name, model.config, request.outputs)
+            results = await model.infer(inputs, [r.name for r in requested] if request.outputs
+                                        else (), deadline=deadline)
+            response = pb.ModelInferResponse(model_name=name, model_version=version,
+                                             id=request.id)
+            encode_outputs(response, [_output(model, r, results[r.name]) for r in requested])
             reason = None
             return response
         except ServingError as exc:
@@ -136,17 +148,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reason = "cancelled"  # the client went away or its gRPC deadline passed
             raise
         finally:
-            self._metrics.request_finished(*labels, time.monotonic() - started, reason)
-
-    async def _infer(self, model: LoadedModel, request: pb.ModelInferRequest,
-                     deadline: float | None) -> pb.ModelInferResponse:
-        inputs = validate_inputs(model.name, model.config, decode_inputs(request))
-        requested = validate_outputs(model.name, model.config, request.outputs)
-        results = await model.infer(inputs, [r.name for r in requested], deadline=deadline)
-        response = pb.ModelInferResponse(model_name=model.name,
-                                         model_version=str(model.version), id=request.id)
-        encode_outputs(response, [_output(model, r, results[r.name]) for r in requested])
-        return response
+            self._metrics.request_finished(name, version, time.monotonic() - started, reason)
 
     async def _models_changed(self) -> None:
         if self._on_models_changed is not None:
@@ -158,8 +160,7 @@ def _output(model: LoadedModel, requested: RequestedOutput,
     if requested.class_count:
         return OutputTensor(requested.name, "BYTES",
                             classify(data, requested.class_count, model.config.labels))
-    spec = next(s for s in model.config.outputs if s.name == requested.name)
-    return OutputTensor(requested.name, spec.datatype, data)
+    return OutputTensor(requested.name, model.output_datatypes[requested.name], data)
 
 
 def request_deadline(parameters: Mapping[str, pb.InferParameter], grpc_remaining: float | None,

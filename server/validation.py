@@ -39,6 +39,11 @@ def validate_inputs(model: str, config: VersionConfig,
     get, datatypes, rank and fixed dimensions, batch size (1..max_batch_size) and that every
     input has the same batch size.
     """
+    specs_in = config.inputs
+    if len(inputs) == 1 and len(specs_in) == 1 and inputs[0].name == specs_in[0].name:
+        # The common case (one input, named right) needs only the tensor checks below.
+        _check_tensor(model, config, specs_in[0], inputs[0])
+        return {specs_in[0].name: inputs[0].data}
     by_name: dict[str, InputTensor] = {}
     for tensor in inputs:
         if tensor.name in by_name:
@@ -65,24 +70,28 @@ def validate_inputs(model: str, config: VersionConfig,
 def _check_tensor(model: str, config: VersionConfig, spec: TensorSpec,
                   tensor: InputTensor) -> int:
     """Check one input against its spec; return its batch size."""
-    where = f"model '{model}' input '{spec.name}'"
     if tensor.datatype != spec.datatype:
-        raise InvalidRequest(f"{where} expects datatype {spec.datatype}, got {tensor.datatype}")
+        raise InvalidRequest(f"{_where(model, spec)} expects datatype {spec.datatype}, "
+                             f"got {tensor.datatype}")
     shape = tensor.shape
     want = spec.shape
     fits = len(shape) == len(want) and (shape[1:] == want[1:] or all(
         w in (-1, g) for w, g in zip(want[1:], shape[1:], strict=True)))
     if not fits:
-        raise InvalidRequest(f"{where} expects shape {format_shape(spec.shape)}, "
+        raise InvalidRequest(f"{_where(model, spec)} expects shape {format_shape(spec.shape)}, "
                              f"got {format_shape(shape)}")
     batch = shape[0]
     if batch < 1:
-        raise InvalidRequest(f"{where}: batch size must be at least 1, got shape "
-                             f"{format_shape(shape)}")
+        raise InvalidRequest(f"{_where(model, spec)}: batch size must be at least 1, got "
+                             f"shape {format_shape(shape)}")
     if batch > config.max_batch_size:
-        raise InvalidRequest(f"{where}: batch size {batch} exceeds the model's "
+        raise InvalidRequest(f"{_where(model, spec)}: batch size {batch} exceeds the model's "
                              f"max_batch_size {config.max_batch_size}")
     return batch
+
+
+def _where(model: str, spec: TensorSpec) -> str:
+    return f"model '{model}' input '{spec.name}'"
 
 
 def validate_outputs(

@@ -29,7 +29,8 @@ def test_wheel_installs_one_import_root(wheel: Path) -> None:
     assert tops == {"cnnserve", next(t for t in tops if t.endswith(".dist-info"))}, tops
     for required in ("cnnserve/cli.py", "cnnserve/training/py.typed", "cnnserve/server/py.typed",
                      "cnnserve/client/py.typed", "cnnserve/proto/grpc_service_pb2.py",
-                     "cnnserve/proto/grpc_service_pb2_grpc.py", "cnnserve/proto/grpc_service.proto"):
+                     "cnnserve/proto/grpc_service_pb2_grpc.py",
+                     "cnnserve/proto/grpc_service.proto"):
         assert required in names, f"{required} missing from the wheel"
 
 

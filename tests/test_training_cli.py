@@ -17,7 +17,7 @@ def cnnserve(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
                           text=True, timeout=300, cwd=cwd, check=False)
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "export"])
 def test_help_of_each_subcommand(command: str) -> None:
     done = cnnserve(command, "--help")
     assert done.returncode == 0, done.stderr

@@ -71,9 +71,10 @@ def _register_train(sub: argparse._SubParsersAction[Any]) -> None:
     data.add_argument("--download", action="store_true", default=False,
                       help="download missing official dataset files (sha256-verified) into "
                            "~/.cache/cnnserve")
-    data.add_argument("--augment", action="store_true",
-                      help="random shifts of up to 2 px, plus horizontal flips on "
-                           "fashion-mnist (default: off)")
+    data.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                      help="light augmentation: random shifts (1 px on fashion-mnist, 2 px on "
+                           "mnist) and horizontal flips where labels allow (fashion-mnist) "
+                           f"(default: {'on' if d.augment else 'off'})")
     model = p.add_argument_group("model and recipe")
     model.add_argument("--arch", metavar="ARCH",
                        help=f"preset name ({', '.join(spec.PRESETS)}), spec text, or @FILE "

@@ -9,8 +9,6 @@ resumable checkpoint. The test split is touched once, at the end, with the best 
 from __future__ import annotations
 
 import copy
-import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -26,10 +24,9 @@ from cnnserve.training.checkpoint import Checkpoint
 from cnnserve.training.config import TrainConfig
 from cnnserve.training.data import augment_batch, predict_logits, to_tensor
 from cnnserve.training.model import build_network
+from cnnserve.training.optim import make_optimizer, make_scheduler, stretch_cosine
 from cnnserve.training.progress import Progress
 from cnnserve.training.spec import format_spec, parse_spec, resolve_arch
-
-logger = logging.getLogger(__name__)
 
 #: --augment per dataset: (max shift in px, horizontal flips). Clothes survive a mirror,
 #: digits do not; Fashion-MNIST items are centred, so they get a smaller shift than digits.
@@ -69,25 +66,6 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
     logits = predict_logits(model, x)
     loss = float(nn.functional.cross_entropy(logits, y)) if len(y) else float("nan")
     return loss, logits.argmax(dim=1)
-
-
-def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Adam (default) or SGD with momentum, per ``config``."""
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-
-def make_scheduler(config: TrainConfig,
-                   opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The per-epoch learning-rate schedule of ``config`` (None for "none")."""
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
-    if config.schedule == "step":
-        step = config.step_size or max(1, config.epochs // 3)
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=config.gamma)
-    return None
 
 
 def run_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
@@ -131,6 +109,63 @@ class _Best:
         return True
 
 
+@dataclass
+class _Run:
+    """Everything one training run works with, built by :func:`_setup`."""
+
+    config: TrainConfig
+    arch_name: str
+    data: Dataset
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler | None
+    gen: torch.Generator
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    meta: Checkpoint                      # spec, shapes, labels, normalisation; no weights
+    augment: Callable[[torch.Tensor], torch.Tensor] | None
+    history: list[EpochStats] = field(default_factory=list)
+    best: _Best = field(default_factory=_Best)
+    elapsed: float = 0.0                  # seconds spent by earlier runs (resume)
+
+    def checkpoint(self, weights: dict[str, torch.Tensor], seconds: float,
+                   test_accuracy: float | None = None) -> Checkpoint:
+        """A checkpoint with ``weights`` and a resumable state of the run so far."""
+        state = _train_state(self, seconds)
+        return replace(self.meta, state_dict=weights, train_state=state,
+                       metrics=_summary(self.arch_name, self.history, self.best,
+                                        test_accuracy, seconds))
+
+
+def _setup(config: TrainConfig, dataset: Dataset | None, resume: Checkpoint | None) -> _Run:
+    torch.manual_seed(config.seed)
+    arch_name, spec_text = resolve_arch(config.arch)
+    layers = parse_spec(spec_text)
+    data = dataset or load_dataset(config.dataset, seed=config.seed,
+                                   val_fraction=config.val_fraction, download=config.download)
+    model = build_network(layers, data.input_shape, len(data.class_names))
+    mean, std = channel_stats(data.train.images)  # training split only: no leakage
+    opt = make_optimizer(config, model)
+    gen = torch.Generator().manual_seed(config.seed)
+    background = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)])
+    shift, flip = AUGMENT_POLICY.get(data.name, (max(1, min(data.input_shape[1:]) // 16), False))
+    run = _Run(
+        config, arch_name, data, model, opt, make_scheduler(config, opt), gen,
+        to_tensor(data.train.images, mean, std), torch.from_numpy(data.train.labels),
+        to_tensor(data.val.images, mean, std), torch.from_numpy(data.val.labels),
+        Checkpoint(spec=format_spec(layers), input_shape=data.input_shape,
+                   class_names=data.class_names, mean=mean, std=std, dataset=data.name,
+                   metrics={}, state_dict={}),
+        (lambda xb: augment_batch(xb, background, flip, gen, shift)) if config.augment
+        else None)
+    if resume is not None:
+        _restore(resume, run)
+        stretch_cosine(run.sched, opt, config.epochs)
+    return run
+
+
 def train(config: TrainConfig, *, dataset: Dataset | None = None,
           resume: Checkpoint | None = None, progress: Progress | None = None,
           on_epoch: Callable[[Checkpoint], None] | None = None) -> TrainResult:
@@ -142,125 +177,87 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
     does not fit the data, DatasetError for data problems.
     """
     progress = progress or Progress(enabled=False)
-    torch.manual_seed(config.seed)
-    arch_name, spec_text = resolve_arch(config.arch)
-    layers = parse_spec(spec_text)
-    data = dataset or load_dataset(config.dataset, seed=config.seed,
-                                   val_fraction=config.val_fraction, download=config.download)
-    model = build_network(layers, data.input_shape, len(data.class_names))
-    mean, std = channel_stats(data.train.images)  # training split only: no leakage
-    x_train, y_train = to_tensor(data.train.images, mean, std), torch.from_numpy(data.train.labels)
-    x_val, y_val = to_tensor(data.val.images, mean, std), torch.from_numpy(data.val.labels)
-    opt = make_optimizer(config, model)
-    sched = make_scheduler(config, opt)
-    gen = torch.Generator().manual_seed(config.seed)
-    history: list[EpochStats] = []
-    best, elapsed = _Best(), 0.0
-    if resume is not None:
-        history, elapsed = _restore(resume, model, opt, sched, gen, best)
-        _stretch_cosine(sched, opt, config.epochs)
-    background = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)])
-    shift, flip = AUGMENT_POLICY.get(data.name, (max(1, min(data.input_shape[1:]) // 16), False))
-    augment = ((lambda xb: augment_batch(xb, background, flip, gen, shift))
-               if config.augment else None)
-    meta = Checkpoint(spec=format_spec(layers), input_shape=data.input_shape,
-                      class_names=data.class_names, mean=mean, std=std, dataset=data.name,
-                      metrics={}, state_dict={})
-    started = time.monotonic() - elapsed
-    progress.start(config.epochs, len(history))
-    for epoch in range(len(history) + 1, config.epochs + 1):
+    run = _setup(config, dataset, resume)
+    started = time.monotonic() - run.elapsed
+    progress.start(config.epochs, len(run.history))
+    for epoch in range(len(run.history) + 1, config.epochs + 1):
         t0 = time.monotonic()
-        lr = float(opt.param_groups[0]["lr"])
-        progress.start_epoch(epoch, len(x_train))
-        train_loss, train_acc = run_epoch(model, x_train, y_train, opt, config.batch_size, gen,
-                                          progress, augment)
-        val_loss, val_pred = _evaluate(model, x_val, y_val)
-        if sched is not None:
-            sched.step()
+        lr = float(run.opt.param_groups[0]["lr"])
+        progress.start_epoch(epoch, len(run.x_train))
+        train_loss, train_acc = run_epoch(run.model, run.x_train, run.y_train, run.opt,
+                                          config.batch_size, run.gen, progress, run.augment)
+        val_loss, val_pred = _evaluate(run.model, run.x_val, run.y_val)
+        if run.sched is not None:
+            run.sched.step()
         stats = EpochStats(epoch, train_loss, train_acc, val_loss,
-                           float((val_pred == y_val).float().mean()), lr, time.monotonic() - t0)
-        history.append(stats)
-        improved = best.offer(stats, model)
-        progress.end_epoch(stats, improved)
+                           float((val_pred == run.y_val).float().mean()), lr,
+                           time.monotonic() - t0)
+        run.history.append(stats)
+        progress.end_epoch(stats, run.best.offer(stats, run.model))
         if on_epoch is not None:
-            state = _train_state(config, model, opt, sched, gen, history, best,
-                                 time.monotonic() - started)
-            on_epoch(replace(meta, metrics=_summary(arch_name, history, best, None),
-                             state_dict=best.weights, train_state=state))
+            on_epoch(run.checkpoint(run.best.weights, time.monotonic() - started))
     progress.close()
-    # The resumable state holds the last epoch's weights; the checkpoint serves the best.
-    state = _train_state(config, model, opt, sched, gen, history, best, 0.0)
-    if best.weights:
-        model.load_state_dict(best.weights)
-    x_test, y_test = to_tensor(data.test.images, mean, std), torch.from_numpy(data.test.labels)
-    test_loss, test_pred = _evaluate(model, x_test, y_test)
+    return _finish(run, started)
+
+
+def _finish(run: _Run, started: float) -> TrainResult:
+    """Test the best epoch's weights once and package the result."""
+    last = run.checkpoint({}, 0.0)  # the resumable state keeps the last epoch's weights
+    if run.best.weights:
+        run.model.load_state_dict(run.best.weights)
+    mean, std = run.meta.mean, run.meta.std
+    x_test, y_test = to_tensor(run.data.test.images, mean, std), torch.from_numpy(
+        run.data.test.labels)
+    test_loss, test_pred = _evaluate(run.model, x_test, y_test)
     test_acc = float((test_pred == y_test).float().mean())
-    seconds = state["elapsed_seconds"] = time.monotonic() - started
-    ckpt = replace(meta, metrics=_summary(arch_name, history, best, test_acc, seconds),
-                   state_dict=copy.deepcopy(model.state_dict()), train_state=state)
-    return TrainResult(ckpt, history, best.epoch, test_loss, test_pred.numpy(),
-                       data.test.labels, seconds, {"arch_name": arch_name})
+    seconds = time.monotonic() - started
+    assert last.train_state is not None
+    last.train_state["elapsed_seconds"] = seconds
+    ckpt = replace(last, state_dict=copy.deepcopy(run.model.state_dict()),
+                   metrics=_summary(run.arch_name, run.history, run.best, test_acc, seconds))
+    return TrainResult(ckpt, run.history, run.best.epoch, test_loss, test_pred.numpy(),
+                       run.data.test.labels, seconds, {"arch_name": run.arch_name})
 
 
-def _train_state(config: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer,
-                 sched: torch.optim.lr_scheduler.LRScheduler | None, gen: torch.Generator,
-                 history: list[EpochStats], best: _Best, elapsed: float) -> dict[str, Any]:
+def _train_state(run: _Run, elapsed: float) -> dict[str, Any]:
     """Everything --resume needs, as plain values and tensors (loadable with weights_only)."""
     return {
-        "config": asdict(config),
-        "epoch": len(history),
-        "history": [asdict(h) for h in history],
-        "model": copy.deepcopy(model.state_dict()),
-        "optimizer": copy.deepcopy(opt.state_dict()),
-        "scheduler": None if sched is None else sched.state_dict(),
-        "generator": gen.get_state(),
+        "config": asdict(run.config),
+        "epoch": len(run.history),
+        "history": [asdict(h) for h in run.history],
+        "model": copy.deepcopy(run.model.state_dict()),
+        "optimizer": copy.deepcopy(run.opt.state_dict()),
+        "scheduler": None if run.sched is None else run.sched.state_dict(),
+        "generator": run.gen.get_state(),
         "torch_rng": torch.get_rng_state(),
-        "best_epoch": best.epoch, "best_val_accuracy": best.accuracy,
-        "best_val_loss": best.loss,
+        "best_epoch": run.best.epoch, "best_val_accuracy": run.best.accuracy,
+        "best_val_loss": run.best.loss,
         "elapsed_seconds": elapsed,
     }
 
 
-def _restore(ckpt: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer,
-             sched: torch.optim.lr_scheduler.LRScheduler | None, gen: torch.Generator,
-             best: _Best) -> tuple[list[EpochStats], float]:
-    """Load a checkpoint's train_state into the fresh objects; returns (history, elapsed s)."""
+def _restore(ckpt: Checkpoint, run: _Run) -> None:
+    """Load a checkpoint's train_state into the freshly set-up ``run``."""
     from cnnserve.training.checkpoint import CheckpointError
 
     state = ckpt.train_state
     if not state:
         raise CheckpointError("this checkpoint has no training state to resume from")
     try:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state.get("scheduler"):
-            sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
+        run.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["optimizer"])
+        if run.sched is not None and state.get("scheduler"):
+            run.sched.load_state_dict(state["scheduler"])
+        run.gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        history = [EpochStats(**h) for h in state["history"]]
-        best.epoch, best.accuracy = int(state["best_epoch"]), float(state["best_val_accuracy"])
-        best.loss = float(state["best_val_loss"])
+        run.history = [EpochStats(**h) for h in state["history"]]
+        run.best.epoch, run.best.loss = int(state["best_epoch"]), float(state["best_val_loss"])
+        run.best.accuracy = float(state["best_val_accuracy"])
+        run.elapsed = float(state.get("elapsed_seconds", 0.0))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot resume: the checkpoint's training state does not fit "
                               f"this recipe ({exc})") from exc
-    best.weights = copy.deepcopy(ckpt.state_dict)
-    return history, float(state.get("elapsed_seconds", 0.0))
-
-
-def _stretch_cosine(sched: torch.optim.lr_scheduler.LRScheduler | None,
-                    opt: torch.optim.Optimizer, epochs: int) -> None:
-    """Re-plan a resumed cosine schedule for a new total of ``epochs``.
-
-    The scheduler updates the rate recursively from its current value, so a finished run
-    (rate 0) would stay at 0; instead set the rate the new plan has at this epoch.
-    """
-    if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) \
-            or sched.T_max == epochs:
-        return
-    sched.T_max = epochs
-    progress = math.cos(math.pi * sched.last_epoch / epochs)
-    for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
-        group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + progress) / 2
+    run.best.weights = copy.deepcopy(ckpt.state_dict)
 
 
 def resume_config(ckpt: Checkpoint, epochs: int | None) -> TrainConfig:
