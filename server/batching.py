@@ -7,8 +7,11 @@ request has waited ``max_queue_delay_us`` (0: never wait, send what is queued). 
 batch at a time on the execution thread pool: requests arriving meanwhile form the next
 batch, which is what makes batching adaptive under load even with a delay of 0.
 
-Per batch there is exactly one thread hop (``run_in_executor`` of :func:`run_batch`, which
-concatenates, runs and splits in the worker), so the event loop only resolves futures.
+Per batch there is exactly one thread hop (:func:`run_batch`, which concatenates, runs and
+splits in the worker, handed over by :func:`~cnnserve.server.handoff.run_in_thread`), so
+the event loop only resolves futures. Per request the loop does as little as it can: no
+timer (one timer covers the earliest deadline in the queue) and no metric update while
+queued (the queue-depth gauge reads the queue's length when scraped).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from cnnserve.server.errors import (
     ServerShuttingDown,
     ServingError,
 )
+from cnnserve.server.handoff import run_in_thread
 from cnnserve.server.metrics import VersionMetrics
 from cnnserve.server.runtime import Array, Runner, run_batch
 from cnnserve.server.statistics import StatsRecorder
@@ -102,6 +106,7 @@ class Batcher:
 
     def start(self) -> None:
         """Start the collector task on the running loop."""
+        self._metrics.track_queue(self._queue)
         self._task = asyncio.get_running_loop().create_task(
             self._collect_forever(), name=f"batcher {self._where}")
 
@@ -153,7 +158,6 @@ class Batcher:
             if deadline < self._sweep_at:
                 self._arm_sweep(loop, deadline)
         self._queue.append(request)
-        self._metrics.queue_depth.inc()
         self._wake()
         return request
 
@@ -161,7 +165,6 @@ class Batcher:
         if request.queued:
             request.queued = False
             self._queue.remove(request)
-            self._metrics.queue_depth.dec()
 
     def _arm_sweep(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._sweep is not None:
@@ -219,6 +222,8 @@ class Batcher:
             log.exception("%s: the batcher stopped", self._where)
             self._fail_queued(lambda: InferenceFailed(f"{self._where}: internal batcher error"))
             self._closed = True
+        finally:  # drained, aborted or failed: nothing can be queued any more
+            self._metrics.untrack_queue(self._queue)
 
     async def _next_batch(self) -> list[_Request] | None:
         while True:
@@ -258,8 +263,6 @@ class Batcher:
         batch = [self._queue.popleft() for _ in range(count)]
         for request in batch:
             request.queued = False
-        if count:
-            self._metrics.queue_depth.dec(count)
         return batch
 
     async def _execute(self, batch: list[_Request]) -> None:
@@ -277,9 +280,8 @@ class Batcher:
             live.append(request)
         if not live:
             return
-        loop = asyncio.get_running_loop()
         try:
-            results, timings = await loop.run_in_executor(
+            results, timings = await run_in_thread(
                 self._executor, run_batch, self._runner, [r.inputs for r in live],
                 [r.rows for r in live], [r.outputs for r in live])
         except asyncio.CancelledError:

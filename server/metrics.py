@@ -9,7 +9,7 @@ does not exist are counted under ``model="_unknown_"`` so label values stay boun
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +29,27 @@ _MV = ("model", "version")
 
 @dataclass(frozen=True)
 class VersionMetrics:
-    """The series of one model version with their labels already bound (cheap on hot paths)."""
+    """The series of one model version with their labels already bound (cheap on hot paths).
 
-    queue_depth: Any
+    ``queues`` holds the queue of each live batcher of the version (two for a moment while
+    a version is reloaded in place): the queue-depth gauge sums their lengths when scraped,
+    so queueing a request updates no metric at all.
+    """
+
+    queues: list[Sized]
     queue_duration: Any
     compute_duration: Any
     batch_size: Any
     executions: Any
     inferences: Any
+
+    def track_queue(self, queue: Sized) -> None:
+        """Count ``queue``'s length in the version's queue-depth gauge."""
+        self.queues.append(queue)
+
+    def untrack_queue(self, queue: Sized) -> None:
+        """Stop counting ``queue`` (idempotent). By identity: empty queues compare equal."""
+        self.queues[:] = [q for q in self.queues if q is not queue]
 
     def execution(self, rows: int, compute_s: float) -> None:
         """One ORT run of ``rows`` rows that took ``compute_s`` seconds."""
@@ -51,9 +64,12 @@ class _RequestSeries:
 
     __slots__ = ("duration", "failures", "inflight", "requests")
 
-    def __init__(self, requests: Any, inflight: Any, duration: Any) -> None:
+    def __init__(self, requests: Any, inflight_gauge: Any, duration: Any) -> None:
         self.requests = requests
-        self.inflight = inflight
+        # A plain count the gauge reads when scraped: the request path (one event loop)
+        # then pays no lock for it.
+        self.inflight = 0
+        inflight_gauge.set_function(lambda: float(self.inflight))
         self.duration = duration
         self.failures: dict[str, Any] = {}  # reason -> bound counter
 
@@ -103,19 +119,21 @@ class Metrics:
                                         "1 for each active ONNX Runtime execution provider.",
                                         (*_MV, "provider"), registry=r)
         self._request_series: dict[tuple[str, str], _RequestSeries] = {}
+        self._queues: dict[tuple[str, str], list[Sized]] = {}
 
-    # -- called by the wire layer -------------------------------------------------------
+    # -- called by the wire layer, from the event loop only (the in-flight count is a plain
+    # int the gauge reads when scraped) ---------------------------------------------------
     def request_started(self, model: str, version: str) -> None:
         """A request for ``model``/``version`` arrived (use UNKNOWN_MODEL for unknown ones)."""
         series = self._request_series.get((model, version)) or self._bind(model, version)
         series.requests.inc()
-        series.inflight.inc()
+        series.inflight += 1
 
     def request_finished(self, model: str, version: str, seconds: float,
                          reason: str | None) -> None:
         """The request was answered after ``seconds``; ``reason`` None means success."""
         series = self._request_series.get((model, version)) or self._bind(model, version)
-        series.inflight.dec()
+        series.inflight -= 1
         series.duration.observe(seconds)
         if reason is not None:
             failures = series.failures.get(reason)
@@ -137,8 +155,13 @@ class Metrics:
     def for_version(self, model: str, version: int) -> VersionMetrics:
         """Bound series for the batcher of one version."""
         v = str(version)
+        queues = self._queues.get((model, v))
+        if queues is None:
+            queues = self._queues[(model, v)] = []
+            self.queue_depth.labels(model, v).set_function(
+                lambda: float(sum(len(q) for q in list(queues))))
         return VersionMetrics(
-            queue_depth=self.queue_depth.labels(model, v),
+            queues=queues,
             queue_duration=self.queue_duration.labels(model, v),
             compute_duration=self.compute_duration.labels(model, v),
             batch_size=self.batch_size.labels(model, v),

@@ -51,8 +51,10 @@ class Settings:
         "rescan the repository (default: none)", choices=("none", "explicit", "poll")))
     poll_interval_s: float = field(default=5.0, metadata=_doc(
         "seconds between repository scans in poll mode (default: 5)", flag="--poll-interval"))
-    intra_op_threads: int = field(default=0, metadata=_doc(
-        "ONNX Runtime intra-op threads per session; 0 = its default (default: 0)"))
+    intra_op_threads: int = field(default=1, metadata=_doc(
+        "ONNX Runtime intra-op threads per session; 0 = its default, one per core "
+        "(default: 1: batches of small models gain nothing from more, and each extra "
+        "thread's wake-ups take CPU the event loop needs)"))
     inter_op_threads: int = field(default=0, metadata=_doc(
         "ONNX Runtime inter-op threads per session; 0 = its default (default: 0)"))
     execution_workers: int = field(default=2, metadata=_doc(

@@ -285,3 +285,37 @@ async def test_abort_fails_queued_and_running_requests(harness: Harness,
             await call
     assert harness.metrics.registry.get_sample_value(
         "cnnserve_queue_depth", {"model": "m", "version": "1"}) == 0
+
+
+async def test_queued_requests_show_in_the_queue_depth_gauge(harness: Harness,
+                                                           runner: FakeRunner) -> None:
+    batcher = harness.make()
+    first = await hold_first(batcher, runner)
+    queued = [asyncio.ensure_future(batcher.submit(rows(float(i)))) for i in range(3)]
+    await asyncio.sleep(0)
+    depth = {"model": "m", "version": "1"}
+    assert harness.metrics.registry.get_sample_value("cnnserve_queue_depth", depth) == 3
+    runner.release()
+    await asyncio.gather(first, *queued)
+    assert harness.metrics.registry.get_sample_value("cnnserve_queue_depth", depth) == 0
+
+
+async def test_queued_deadlines_expire_each_at_its_own_time(harness: Harness,
+                                                            runner: FakeRunner) -> None:
+    batcher = harness.make()
+    first = await hold_first(batcher, runner)
+    now = time.monotonic()
+    # Submitted latest-deadline first, so the earliest deadline arrives after the others.
+    late = asyncio.ensure_future(batcher.submit(rows(2.0), deadline=now + 1.0))
+    kept = asyncio.ensure_future(batcher.submit(rows(3.0), deadline=now + 30))
+    soon = asyncio.ensure_future(batcher.submit(rows(1.0), deadline=now + 0.1))
+    with pytest.raises(DeadlineExceeded, match="dropped before compute"):
+        await soon
+    assert not late.done() and batcher.queued == 2
+    with pytest.raises(DeadlineExceeded, match="dropped before compute"):
+        await late
+    assert batcher.queued == 1
+    runner.release()
+    assert (await kept)["y"].tolist() == [[6.0, 6.0]]
+    await first
+    assert runner.batches == [1, 1]
