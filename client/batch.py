@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from cnnserve.client import _infer
 from cnnserve.client._channel import TlsConfig
 from cnnserve.client._model import ModelInfo
-from cnnserve.client._retry import RetryPolicy
+from cnnserve.client._retry import RETRYABLE_CODES, RetryPolicy
 from cnnserve.client.aio import AsyncInferenceClient
 from cnnserve.client.errors import InferenceServerError
 from cnnserve.client.results import Format, Record, ResultsFile
@@ -194,12 +195,25 @@ def _check(options: BatchOptions) -> None:
         raise ValueError("batch_size, concurrency and top_k must be >= 1")
 
 
+#: The job never cancels its own requests, so a CANCELLED answer means the server dropped the
+#: call (a restart that did not drain): worth retrying, unlike in the SDK, where CANCELLED
+#: usually means the caller gave up.
+BATCH_RETRYABLE_CODES = RETRYABLE_CODES | {grpc.StatusCode.CANCELLED}
+
+
+def _batch_policy(retries: int | RetryPolicy) -> RetryPolicy:
+    if isinstance(retries, RetryPolicy):
+        return retries
+    return RetryPolicy(retries=retries, codes=BATCH_RETRYABLE_CODES)
+
+
 async def run_batch_async(options: BatchOptions) -> Summary:
     """Run the job; see :func:`run_batch`."""
     _check(options)
     summary = Summary()
     async with AsyncInferenceClient(options.url, timeout=options.timeout, tls=options.tls,
-                                    token=options.token, retries=options.retries) as client:
+                                    token=options.token,
+                                    retries=_batch_policy(options.retries)) as client:
         info = await client.model_info(options.model, options.version)
         source = open_source(options.input, info)
         results = ResultsFile(Path(options.output), options.format)
