@@ -32,7 +32,7 @@ NET = "conv(8, 3, pad=1) -> bn -> relu -> maxpool(2) -> fc(10)"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Checkpoint, Path]:
     ckpt = train(TrainConfig(dataset="digits", arch=NET, epochs=2, batch_size=32,
-                             lr=3e-3)).checkpoint
+                             lr=3e-3, augment=False)).checkpoint
     path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
     save_checkpoint(ckpt, path)
     return ckpt, path

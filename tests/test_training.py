@@ -28,7 +28,7 @@ DIGITS_NET = "conv(8, 3, pad=1) -> bn -> relu -> maxpool(2) -> fc(32) -> relu ->
 
 def _digits(**kw: object) -> TrainConfig:
     return dataclasses.replace(TrainConfig(dataset="digits", arch=DIGITS_NET, epochs=3,
-                                           batch_size=32, lr=3e-3), **kw)
+                                           batch_size=32, lr=3e-3, augment=False), **kw)
 
 
 def test_short_run_learns() -> None:
@@ -39,6 +39,13 @@ def test_short_run_learns() -> None:
     test_acc = result.checkpoint.metrics["test_accuracy"]
     assert test_acc > 0.8 and len(result.test_predictions) == 360
     assert result.checkpoint.metrics["epochs"] == 4
+
+
+def test_default_recipe_is_the_measured_one() -> None:
+    config = TrainConfig()
+    assert (config.dataset, config.arch, config.optimizer, config.schedule) == (
+        "fashion-mnist", "fashion-cnn", "adam", "cosine")
+    assert (config.epochs, config.batch_size, config.lr, config.augment) == (24, 128, 1e-3, True)
 
 
 def test_fashion_cnn_on_synthetic_learns_in_one_epoch() -> None:

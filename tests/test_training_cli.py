@@ -58,16 +58,24 @@ def test_bad_values_and_usage_errors(tmp_path: Path) -> None:
     assert done.returncode == 1 and "unknown dataset 'nope'" in done.stderr
 
 
-def test_train_then_evaluate_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A finished tiny `cnnserve train` run: its folder and the command's stdout+stderr."""
+    out = tmp_path_factory.mktemp("cli") / "run"
     done = cnnserve("train", "--dataset", "synthetic", "--arch", NET, "--epochs", "2",
                     "--batch-size", "64", "--augment", "--threads", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr
-    assert "test        accuracy" in done.stdout and "<- best" in done.stdout
-    assert "epoch 2:" in done.stderr  # per-epoch lines when stderr is not a terminal
+    return out, done.stdout + "\n" + done.stderr
+
+
+def test_train_writes_every_output(run_dir: tuple[Path, str]) -> None:
+    out, log = run_dir
+    assert "test        accuracy" in log and "<- best" in log
+    assert "epoch 2:" in log  # per-epoch lines on stderr when it is not a terminal
     for name in ("checkpoint.pt", "metrics.json", "training_curve.png", "confusion_matrix.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"} <= \
@@ -75,24 +83,35 @@ def test_train_then_evaluate_end_to_end(tmp_path: Path) -> None:
     assert len(metrics["per_class_accuracy"]) == 10 and len(metrics["confusion_matrix"]) == 10
     assert {"python", "torch", "numpy"} <= set(metrics["versions"])
     assert metrics["seed"] == 0 and metrics["args"]["augment"] is True
-    assert metrics["training_seconds"] > 0
+    assert metrics["training_seconds"] > 0 and 0.0 <= metrics["test_accuracy"] <= 1.0
 
+
+def test_evaluate_reports_the_training_test_accuracy(run_dir: tuple[Path, str]) -> None:
+    out, _ = run_dir
+    metrics = json.loads((out / "metrics.json").read_text())
     done = cnnserve("evaluate", str(out / "checkpoint.pt"), "--dataset", "synthetic", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert result["images"] == 300 and result["kind"] == "checkpoint"
-    table = cnnserve("evaluate", str(out / "checkpoint.pt")).stdout
-    assert "pattern-9" in table
+    assert result["per_class_accuracy"] == pytest.approx(metrics["per_class_accuracy"])
 
-    # Resume a finished run for one more epoch; only --epochs may change.
+
+@pytest.mark.slow
+def test_resume_continues_a_finished_run(run_dir: tuple[Path, str], tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir[0], out)
     done = cnnserve("train", "--resume", str(out / "checkpoint.pt"), "--lr", "0.1")
     assert done.returncode == 1 and "drop --lr" in done.stderr
     done = cnnserve("train", "--resume", str(out / "checkpoint.pt"), "--epochs", "3", "--quiet")
     assert done.returncode == 0, done.stderr
-    assert done.stdout == ""
+    assert done.stdout == "" and "epoch 3" not in done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
+    table = cnnserve("evaluate", str(out / "checkpoint.pt")).stdout
+    assert "pattern-9" in table and "accuracy" in table
 
 
 def test_evaluate_of_a_file_that_is_no_checkpoint(tmp_path: Path) -> None:

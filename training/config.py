@@ -13,11 +13,14 @@ SCHEDULES = ("none", "cosine", "step")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training recipe. The defaults are the tested Fashion-MNIST recipe."""
+    """One training recipe. The defaults are the measured Fashion-MNIST recipe: fashion-cnn,
+    24 epochs of Adam with cosine decay and light augmentation reach 92.0 % test accuracy
+    in about 6-8 minutes on 2 CPU cores (benchmarks/train_quality.py). Without augmentation
+    this small network overfits (91.3 % after 12 epochs); with it, it needs the epochs."""
 
     dataset: str = "fashion-mnist"
     arch: str = "fashion-cnn"        # preset name, spec text or @file
-    epochs: int = 10
+    epochs: int = 24
     batch_size: int = 128
     lr: float = 1e-3                 # initial learning rate
     optimizer: str = "adam"          # "adam" or "sgd"
@@ -26,7 +29,7 @@ class TrainConfig:
     schedule: str = "cosine"         # "none", "cosine" (to 0 over all epochs) or "step"
     step_size: int = 0               # "step": epochs between decays; 0 = max(1, epochs // 3)
     gamma: float = 0.1               # "step": decay factor
-    augment: bool = False            # random shifts of up to 2 px (+ flips where label-safe)
+    augment: bool = True             # random shifts of 1-2 px (+ flips where label-safe)
     seed: int = 0
     val_fraction: float = 0.1
     download: bool = False
