@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 VENV=${CNNSERVE_VENV:-$PWD/.venv}
 export PATH=$VENV/bin:$PATH
+# Idle OpenMP threads that spin steal the other core from the server and client under test.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 marker=()
 if [ "${1:-}" = "--quick" ]; then marker=(-m "not slow"); shift; fi
 echo "== ruff"
