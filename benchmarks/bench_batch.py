@@ -53,13 +53,14 @@ def main() -> None:
     version = max((p for p in (repo / args.model).iterdir() if p.name.isdigit()),
                   key=lambda p: int(p.name))
     port = free_port()
+    log = tmp / "server.log"
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("cnnserve")), "serve", "--repository", str(repo),
          "--model", args.model, "--host", "127.0.0.1", "--grpc-port", str(port),
          "--metrics-port", str(free_port()), "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
-        wait_ready(f"127.0.0.1:{port}")
+        wait_ready(f"127.0.0.1:{port}", server, log)
         from cnnserve.datasets import load_split
         from cnnserve.training.evaluate import evaluate_onnx
 

@@ -52,7 +52,7 @@ class EngineOptions:
     poll_interval_s: float = 5.0
     #: Default execution provider; model.json ``device`` overrides it per model.
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    intra_op_threads: int = 1  # 0 = ONNX Runtime's default (one per core); see Settings
+    intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per core); see Settings
     inter_op_threads: int = 0
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     warmup: bool = True
