@@ -9,8 +9,9 @@ export PATH=$PWD/.venv/bin:$PATH
 export CNNSERVE_REPOSITORY=${CNNSERVE_REPOSITORY:-$PWD/models}
 scripts/prepare-model.sh "$CNNSERVE_REPOSITORY"
 port=${CNNSERVE_GRPC_PORT:-8001}
+# Flags given to this script may move the ports: the server's own "serving gRPC on" line is exact.
 cat <<MSG
-run: serving $CNNSERVE_REPOSITORY on gRPC port $port (metrics: http://localhost:${CNNSERVE_METRICS_PORT:-8002}/metrics)
+run: serving $CNNSERVE_REPOSITORY on gRPC port $port unless flags below change it (metrics: http://localhost:${CNNSERVE_METRICS_PORT:-8002}/metrics)
 run: try it from another shell:
        .venv/bin/cnnserve classify --url localhost:$port --model ${CNNSERVE_DEFAULT_MODEL:-fashion-cnn} IMAGE.png
        .venv/bin/cnnserve batch --url localhost:$port --model ${CNNSERVE_DEFAULT_MODEL:-fashion-cnn} --input fashion-mnist:test --output predictions.jsonl
