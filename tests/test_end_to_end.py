@@ -29,10 +29,10 @@ def _fashion_available() -> str | None:
     return None
 
 
+_MISSING = _fashion_available()
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(_fashion_available() is not None,
-                       reason=f"Fashion-MNIST missing: {_fashion_available()}"),
+    pytest.mark.skipif(_MISSING is not None, reason=f"Fashion-MNIST missing: {_MISSING}"),
 ]
 
 

@@ -8,7 +8,6 @@ justify it, or raises :class:`ExportError` with those figures when a check fails
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field, replace
@@ -20,6 +19,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 import torch
 
+from cnnserve.dataset_sources import sha256_file
 from cnnserve.errors import CnnserveError
 from cnnserve.preprocess import normalize
 from cnnserve.server.model_config import MODEL_FILE, Normalization, TensorSpec, VersionConfig
@@ -80,7 +80,7 @@ class VersionBuilder:
         self.dataset = dataset
         self.test = test
         self.options = options
-        self.sha256 = _sha256(self.checkpoint_path)
+        self.sha256 = sha256_file(self.checkpoint_path)
 
     @classmethod
     def load(cls, checkpoint_path: Path, options: ExportOptions) -> VersionBuilder:
@@ -265,11 +265,3 @@ def _raise_if(failures: list[str], what: str, report: verify.ParityReport) -> No
     if failures:
         raise ExportError(f"export failed verification, nothing was written: {what}:\n  "
                           + "\n  ".join(failures) + "\n" + report.format_table())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
