@@ -4,6 +4,11 @@ and ONNX Runtime in-process, all measured in the same run on the same LeNet-5-si
     .venv/bin/python benchmarks/bench_server.py [--duration 5] [--repeat 3]
                                                 [--scenarios 1x1,32x1,4x16,16x8]
 
+The reference servers (benchmarks/baseline_servers.py): ``constant`` answers without running a
+model, ``naive`` runs ONNX Runtime per request on the event loop, and ``batched floor`` is
+the least a batching server does (queue, one worker hand-off per batch, split): what any
+server of cnnserve's design gets before validation, metrics, deadlines and errors.
+
 Each scenario CxB runs C concurrent callers, each sending batch-B requests back to back for
 ``--duration`` seconds, from a separate load-generator process (client and server share the
 machine's cores, as they would on a 2-core host). Prints requests/s, items/s, p50/p99
@@ -216,7 +221,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cnnserve-bench-"))
     write_lenet_repository(tmp / "repo", ("lenet", "lenet_b"), queue_delay_us=args.queue_delay_us)
     model_path = tmp / "repo" / "lenet" / "1" / "model.onnx"
-    ports = {name: free_port() for name in ("cnnserve", "constant", "naive")}
+    ports = {name: free_port() for name in ("cnnserve", "constant", "naive", "batched floor")}
     procs = start_servers(tmp, ports, model_path)
     measured = False
     try:
@@ -239,7 +244,7 @@ def main() -> None:
 
 def start_servers(tmp: Path, ports: dict[str, int],
                   model_path: Path) -> dict[str, subprocess.Popen[bytes]]:
-    """cnnserve (both models, default settings), the constant server and the naive one."""
+    """cnnserve (both models, default settings) and the reference servers."""
     cnnserve_bin = str(Path(sys.executable).with_name("cnnserve"))
     return {
         "cnnserve": start([cnnserve_bin, "serve", "--repository", str(tmp / "repo"),
@@ -251,6 +256,9 @@ def start_servers(tmp: Path, ports: dict[str, int],
         "naive": start([sys.executable, str(HERE / "baseline_servers.py"), "naive",
                         "--port", str(ports["naive"]), "--model", str(model_path)],
                        tmp / "naive.log"),
+        "batched floor": start([sys.executable, str(HERE / "baseline_servers.py"), "batched",
+                                "--port", str(ports["batched floor"]), "--model",
+                                str(model_path)], tmp / "batched floor.log"),
     }
 
 
@@ -316,6 +324,16 @@ def report(rows: list[tuple[str, str, Result]], peak_rss: float, cpus: int) -> N
         ok = value >= bound if higher_is_better else value <= bound
         verdict = "n/a (scenario not run)" if value != value else "PASS" if ok else "FAIL"
         print(f"  {text:<56} {value:>8.2f}  {verdict}")
+    print("\nthe same ratios for the batched floor (what any thread-hop batching server gets):")
+    floor = "batched floor"
+    for text, value in [
+            ("c=32 b=1: floor / constant throughput", ratio("c=32 b=1", floor, "constant")),
+            ("c=4 b=16: floor / naive throughput", ratio("c=4 b=16", floor, "naive")),
+            ("c=4 b=16: floor / in-process ORT items/s",
+             ratio("c=4 b=16", floor, "onnxruntime in-process", "items_per_s")),
+            ("c=1 b=1: floor p99 / constant p99",
+             ratio("c=1 b=1", floor, "constant", "p99_ms"))]:
+        print(f"  {text:<56} {value:>8.2f}")
 
 
 if __name__ == "__main__":

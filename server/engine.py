@@ -52,12 +52,12 @@ class EngineOptions:
     poll_interval_s: float = 5.0
     #: Default execution provider; model.json ``device`` overrides it per model.
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per core); see Settings
+    intra_op_threads: int = 1  # 0 = ONNX Runtime's default (one per core); see Settings
     inter_op_threads: int = 0
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     warmup: bool = True
     #: Threads running ONNX Runtime batches (each version runs one batch at a time).
-    execution_workers: int = 2
+    execution_workers: int = 2  # pool threads; also each model's most concurrent batches
     #: Server-wide batching defaults for models whose model.json does not set them.
     max_queue_delay_us: int | None = None
     max_queue_size: int | None = None
@@ -82,6 +82,7 @@ class LoadedModel:
         self.output_datatypes = {t.name: t.datatype for t in config.outputs}
         self.policy = policy
         self.providers = runtime.providers
+        self.instance_count = batcher.max_running  # batches that may run at once
         self._runtime = runtime
         self._batcher = batcher
         self._stats = stats
@@ -203,7 +204,8 @@ class Engine:
                         batching.max_queue_size),
             self._executor, [t.name for t in config.outputs], where=where,
             stats=(stats := StatsRecorder(name, version)),
-            metrics=self._metrics.for_version(name, version))
+            metrics=self._metrics.for_version(name, version),
+            max_running=policy.instance_count or opts.execution_workers)
         batcher.start()
         seconds = time.monotonic() - started
         self._metrics.model_loaded(name, version, seconds, runtime.providers)

@@ -60,7 +60,7 @@ def model_config(model: LoadedModel) -> mc.ModelConfig:
                 timeout_action=mc.ModelQueuePolicy.REJECT, allow_timeout_override=True,
                 max_queue_size=batching.max_queue_size)),
         instance_group=[mc.ModelInstanceGroup(
-            name=model.name, count=1,
+            name=model.name, count=model.instance_count,
             kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)],
         default_model_filename=MODEL_FILE,
         parameters=config_parameters(model),

@@ -13,7 +13,9 @@ from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from cnnserve.server.loop_metrics import LoopCollector, LoopCounter, LoopHistogram
 
 UNKNOWN_MODEL = "_unknown_"
 MODEL_STATES = ("READY", "LOADING", "UNAVAILABLE", "UNLOADING")
@@ -37,11 +39,11 @@ class VersionMetrics:
     """
 
     queues: list[Sized]
-    queue_duration: Any
-    compute_duration: Any
-    batch_size: Any
-    executions: Any
-    inferences: Any
+    queue_duration: LoopHistogram
+    compute_duration: LoopHistogram
+    batch_size: LoopHistogram
+    executions: LoopCounter
+    inferences: LoopCounter
 
     def track_queue(self, queue: Sized) -> None:
         """Count ``queue``'s length in the version's queue-depth gauge."""
@@ -64,7 +66,8 @@ class _RequestSeries:
 
     __slots__ = ("duration", "failures", "inflight", "requests")
 
-    def __init__(self, requests: Any, inflight_gauge: Any, duration: Any) -> None:
+    def __init__(self, requests: LoopCounter, inflight_gauge: Any,
+                 duration: LoopHistogram) -> None:
         self.requests = requests
         # A plain count the gauge reads when scraped: the request path (one event loop)
         # then pays no lock for it.
@@ -80,26 +83,28 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter("cnnserve_requests_total", "Inference requests received.",
-                                _MV, registry=r)
+        # Series updated per request or per batch, only ever from the event loop: kept
+        # without locks (loop_metrics.py).
+        hot = LoopCollector(r)
+        self.requests = hot.family("counter", "cnnserve_requests",
+                                   "Inference requests received.", _MV)
+        self.inferences = hot.family("counter", "cnnserve_inferences",
+                                     "Batch items (rows) inferred.", _MV)
+        self.executions = hot.family("counter", "cnnserve_executions", "ONNX Runtime runs.", _MV)
+        self.request_duration = hot.family(
+            "histogram", "cnnserve_request_duration_seconds",
+            "Whole request time, receive to response.", _MV, LATENCY_BUCKETS)
+        self.queue_duration = hot.family(
+            "histogram", "cnnserve_queue_duration_seconds",
+            "Time a request waited in the batcher queue.", _MV, LATENCY_BUCKETS)
+        self.compute_duration = hot.family(
+            "histogram", "cnnserve_compute_duration_seconds",
+            "ONNX Runtime run time per execution.", _MV, LATENCY_BUCKETS)
+        self.batch_size = hot.family("histogram", "cnnserve_batch_size",
+                                     "Rows per ONNX Runtime run.", _MV, BATCH_BUCKETS)
         self.request_failures = Counter(
             "cnnserve_request_failures_total", "Failed inference requests by reason.",
             (*_MV, "reason"), registry=r)
-        self.inferences = Counter("cnnserve_inferences_total",
-                                  "Batch items (rows) inferred.", _MV, registry=r)
-        self.executions = Counter("cnnserve_executions_total", "ONNX Runtime runs.",
-                                  _MV, registry=r)
-        self.request_duration = Histogram(
-            "cnnserve_request_duration_seconds", "Whole request time, receive to response.",
-            _MV, buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_duration = Histogram(
-            "cnnserve_queue_duration_seconds", "Time a request waited in the batcher queue.",
-            _MV, buckets=LATENCY_BUCKETS, registry=r)
-        self.compute_duration = Histogram(
-            "cnnserve_compute_duration_seconds", "ONNX Runtime run time per execution.",
-            _MV, buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("cnnserve_batch_size", "Rows per ONNX Runtime run.",
-                                    _MV, buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("cnnserve_queue_depth", "Requests waiting in the batcher.",
                                  _MV, registry=r)
         self.inflight = Gauge("cnnserve_inflight_requests",
@@ -147,8 +152,8 @@ class Metrics:
         # request path binds each (model, version) once. The keys are bounded like the label
         # values themselves: repository models plus UNKNOWN_MODEL.
         series = self._request_series[(model, version)] = _RequestSeries(
-            self.requests.labels(model, version), self.inflight.labels(model, version),
-            self.request_duration.labels(model, version))
+            self.requests.counter(model, version), self.inflight.labels(model, version),
+            self.request_duration.histogram(model, version))
         return series
 
     # -- called by the engine -----------------------------------------------------------
@@ -162,11 +167,11 @@ class Metrics:
                 lambda: float(sum(len(q) for q in list(queues))))
         return VersionMetrics(
             queues=queues,
-            queue_duration=self.queue_duration.labels(model, v),
-            compute_duration=self.compute_duration.labels(model, v),
-            batch_size=self.batch_size.labels(model, v),
-            executions=self.executions.labels(model, v),
-            inferences=self.inferences.labels(model, v))
+            queue_duration=self.queue_duration.histogram(model, v),
+            compute_duration=self.compute_duration.histogram(model, v),
+            batch_size=self.batch_size.histogram(model, v),
+            executions=self.executions.counter(model, v),
+            inferences=self.inferences.counter(model, v))
 
     def set_model_state(self, model: str, version: int, state: str) -> None:
         """Mark ``state`` (one of MODEL_STATES) as the version's current state."""

@@ -174,6 +174,9 @@ class ModelPolicy:
     max_batch_size: int | None = None
     #: Execution provider; None means the server's --device flag decides.
     device: Device | None = None
+    #: Most ONNX Runtime runs of one version at once (Triton's instance count); None means
+    #: the server's --execution-workers. 1 serialises the model's batches.
+    instance_count: int | None = None
 
     def __post_init__(self) -> None:
         vp = self.version_policy
@@ -187,6 +190,10 @@ class ModelPolicy:
                               "{\"all\": true}, {\"specific\": [positive versions]}")
         if self.device not in (None, "cpu", "cuda", "auto"):
             raise ConfigError(f"device {self.device!r} must be 'cpu', 'cuda' or 'auto'")
+        if self.instance_count is not None and (
+                isinstance(self.instance_count, bool) or self.instance_count < 1):
+            raise ConfigError(f"instance_count {self.instance_count!r} must be a positive "
+                              "integer (or absent: the server's --execution-workers)")
         db = self.dynamic_batching
         if db.max_queue_delay_microseconds < 0 or db.max_queue_size < 1:
             raise ConfigError("dynamic_batching: max_queue_delay_microseconds must be >= 0 and "
@@ -213,6 +220,8 @@ class ModelPolicy:
                 max_batch_size=(None if data.get("max_batch_size") is None
                                 else int(data["max_batch_size"])),
                 device=data.get("device"),
+                instance_count=(None if data.get("instance_count") is None
+                                else int(data["instance_count"])),
             )
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc

@@ -62,7 +62,7 @@ class RuntimeOptions:
     """How sessions are built (see EngineOptions for the meaning of each field)."""
 
     device: Device = "cpu"
-    intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per core); see Settings
+    intra_op_threads: int = 1  # 0 = ONNX Runtime's default (one per core); see Settings
     inter_op_threads: int = 0
     graph_optimization: GraphOptimization = "all"
     warmup: bool = True

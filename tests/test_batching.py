@@ -82,11 +82,12 @@ class Harness:
         self.batchers: list[Batcher] = []
 
     def make(self, max_batch_size: int = 64, delay_us: int = 0, preferred: tuple[int, ...] = (),
-             max_queue_size: int = 1024) -> Batcher:
+             max_queue_size: int = 1024, max_running: int = 1) -> Batcher:
         batcher = Batcher(self.runner, BatchPolicy(max_batch_size, delay_us, preferred,
                                                    max_queue_size),
                           self.executor, ("y", "z"), where="model 'm' version 1",
-                          stats=self.stats, metrics=self.metrics.for_version("m", 1))
+                          stats=self.stats, metrics=self.metrics.for_version("m", 1),
+                          max_running=max_running)
         batcher.start()
         self.batchers.append(batcher)
         return batcher
@@ -319,3 +320,75 @@ async def test_queued_deadlines_expire_each_at_its_own_time(harness: Harness,
     assert (await kept)["y"].tolist() == [[6.0, 6.0]]
     await first
     assert runner.batches == [1, 1]
+
+
+async def runs_started(runner: FakeRunner, count: int) -> None:
+    """Wait until the runner has been entered ``count`` times (runs may be held inside)."""
+    for _ in range(1000):
+        if len(runner.batches) >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"expected {count} runs, saw {runner.batches}")
+
+
+async def test_a_second_worker_takes_only_full_batches(harness: Harness,
+                                                       runner: FakeRunner) -> None:
+    batcher = harness.make(max_batch_size=4, max_running=2)
+    first = await hold_first(batcher, runner)
+    small = [asyncio.ensure_future(batcher.submit(rows(float(i)))) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert runner.batches == [1] and batcher.queued == 3  # not full: waits behind the run
+    small.append(asyncio.ensure_future(batcher.submit(rows(3.0))))  # now 4 rows: full
+    await runs_started(runner, 2)
+    assert runner.batches == [1, 4] and batcher.queued == 0
+    more = [asyncio.ensure_future(batcher.submit(rows(4.0, 5.0, 6.0, 7.0))) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert runner.batches == [1, 4] and batcher.queued == 2  # both workers busy
+    runner.release()
+    results = await asyncio.gather(first, *small, *more)
+    assert sorted(runner.batches) == [1, 4, 4, 4]
+    assert [r["y"][:, 0].tolist() for r in results] == [
+        [-2.0], [0.0], [2.0], [4.0], [6.0], [8.0, 10.0, 12.0, 14.0], [8.0, 10.0, 12.0, 14.0]]
+
+
+async def test_drain_and_abort_cover_every_running_batch(harness: Harness,
+                                                         runner: FakeRunner) -> None:
+    draining_batcher = harness.make(max_batch_size=1, max_running=2)
+    first = await hold_first(draining_batcher, runner)
+    second = asyncio.ensure_future(draining_batcher.submit(rows(2.0)))
+    await runs_started(runner, 2)
+    draining = asyncio.ensure_future(draining_batcher.drain())
+    await asyncio.sleep(0.05)
+    assert not draining.done()  # both batches still running
+    runner.release()
+    await draining
+    assert [(await c)["y"].tolist() for c in (first, second)] == [[[-2.0, -2.0]], [[4.0, 4.0]]]
+
+    aborted = harness.make(max_batch_size=1, max_running=2)
+    runner.started.clear()
+    first = await hold_first(aborted, runner)
+    second = asyncio.ensure_future(aborted.submit(rows(2.0)))
+    await runs_started(runner, 4)
+    await aborted.abort()
+    for call in (first, second):
+        with pytest.raises(ServerShuttingDown, match="before the batch finished"):
+            await call
+
+
+async def test_after_a_shared_batch_the_collector_gathers_requests_still_on_their_way(
+        harness: Harness, runner: FakeRunner) -> None:
+    batcher = harness.make()
+    first = await hold_first(batcher, runner)
+    company = [asyncio.ensure_future(batcher.submit(rows(float(i)))) for i in range(3)]
+    await asyncio.sleep(0)
+    runner.release()
+    await asyncio.gather(first, *company)  # batches [1, 3]: load, so the next one gathers
+
+    async def arriving(value: float, rounds: int) -> dict[str, Array]:
+        for _ in range(rounds):  # still inside gRPC for a couple of loop rounds
+            await asyncio.sleep(0)
+        return await batcher.submit(rows(value))
+
+    late = await asyncio.gather(arriving(7.0, 0), arriving(8.0, 2))
+    assert runner.batches == [1, 3, 2]
+    assert [r["y"].tolist() for r in late] == [[[14.0, 14.0]], [[16.0, 16.0]]]

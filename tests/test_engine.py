@@ -28,7 +28,7 @@ from cnnserve.server.errors import (
     Unsupported,
 )
 from cnnserve.server.metrics import Metrics
-from cnnserve.server.model_config import DynamicBatching, ModelPolicy
+from cnnserve.server.model_config import ConfigError, DynamicBatching, ModelPolicy
 
 MakeEngine = Callable[..., Awaitable[Engine]]
 
@@ -223,11 +223,12 @@ async def test_version_policy_batching_defaults_and_overrides(
     q = engine.get("q")
     assert q.policy.dynamic_batching == DynamicBatching(max_queue_size=1)
     x = np.ones((1, 2), np.float32)
-    first = asyncio.ensure_future(q.infer({"x": x}))
-    await asyncio.sleep(0)  # queued, not yet collected
+    running = asyncio.ensure_future(q.infer({"x": x}))
+    queued = asyncio.ensure_future(q.infer({"x": x}))
+    await asyncio.sleep(0)  # the first is sent at once, the second waits behind it
     with pytest.raises(QueueFull, match="max_queue_size 1"):
         await q.infer({"x": x})
-    await first
+    await asyncio.gather(running, queued)
     with pytest.raises(DeadlineExceeded):
         await q.infer({"x": x}, deadline=time.monotonic() - 0.001)
 
@@ -303,3 +304,30 @@ async def test_stop_fails_what_the_grace_period_could_not_finish(
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
     assert any(isinstance(o, ServerShuttingDown) for o in outcomes)
     assert all(isinstance(o, dict | ServerShuttingDown) for o in outcomes)
+
+
+async def test_instance_count_bounds_how_many_batches_of_a_model_run_at_once(
+        model_repo: Path, make_engine: MakeEngine) -> None:
+    # Full (one-row) batches of a slow model: with two instances the second request runs
+    # beside the first; with one it waits in the queue for the whole first run.
+    write_test_model(model_repo, "two", 1, kind="slow", slow_iterations=100_000,
+                     max_batch_size=1)
+    write_test_model(model_repo, "one", 1, kind="slow", slow_iterations=100_000,
+                     max_batch_size=1, policy=ModelPolicy(instance_count=1))
+    engine = await make_engine(execution_workers=2)
+    x = {"x": np.ones((1, 4), np.float32)}
+    started = time.monotonic()
+    await engine.get("one").infer(x)
+    run_s = time.monotonic() - started
+    queued_s = {}
+    for name in ("two", "one"):
+        model = engine.get(name)
+        await asyncio.gather(model.infer(x), model.infer(x))
+        queued_s[name] = model.statistics().queue_ns / 1e9
+    assert queued_s["one"] > 0.5 * run_s > queued_s["two"], (queued_s, run_s)
+
+
+def test_instance_count_must_be_positive(tmp_path: Path) -> None:
+    (tmp_path / "model.json").write_text('{"instance_count": 0}')
+    with pytest.raises(ConfigError, match="instance_count 0 must be a positive integer"):
+        ModelPolicy.load(tmp_path / "model.json")

@@ -134,8 +134,8 @@ async def test_metrics_count_requests_rows_and_failures(server: Any) -> None:
 
 
 def _slow_policy(queue_size: int = 1024) -> ModelPolicy:
-    # One row per run and no waiting: requests queue behind a running one.
-    return ModelPolicy(max_batch_size=1, dynamic_batching=DynamicBatching(
+    # One row per run, one run at a time and no waiting: requests queue behind a running one.
+    return ModelPolicy(max_batch_size=1, instance_count=1, dynamic_batching=DynamicBatching(
         max_queue_delay_microseconds=0, max_queue_size=queue_size))
 
 

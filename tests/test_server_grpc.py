@@ -89,6 +89,7 @@ async def test_model_config_has_tritons_shape(server: Any) -> None:
     assert config.dynamic_batching.default_queue_policy.max_queue_size == 1024
     assert config.version_policy.latest.num_versions == 1
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert config.instance_group[0].count == 2  # the server's execution workers
     assert config.parameters["execution_providers"].string_value == "CPUExecutionProvider"
 
 
