@@ -83,6 +83,8 @@ class RequestQueue:
             request.queued = False
             self._items.remove(request)
             self.rows -= request.rows
+            if not self._items:
+                self._cancel_sweep()
 
     def take(self, count: int) -> list[QueuedRequest]:
         """Remove and return the ``count`` oldest requests."""
@@ -91,7 +93,7 @@ class RequestQueue:
             request.queued = False
             self.rows -= request.rows
         if not self._items:
-            self.cancel_sweep()
+            self._cancel_sweep()
         return batch
 
     def plan(self, now: float, busy: bool = False) -> int | float | None:
@@ -118,8 +120,8 @@ class RequestQueue:
         wait = self._items[0].arrival + self._delay_s - now
         return count if wait <= 0 else wait
 
-    def cancel_sweep(self) -> None:
-        """Stop watching deadlines (the queue is empty or closing)."""
+    def _cancel_sweep(self) -> None:
+        """Stop watching deadlines: every way out of the queue calls this once it is empty."""
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None

@@ -68,8 +68,6 @@ class Batcher:
         self._where = where  # "model 'm' version 1", for messages
         self._stats = stats
         self._metrics = metrics
-        self._delay_s = policy.max_queue_delay_us / 1e6
-        self._has_preferred = bool(policy.preferred_batch_sizes)
         self._queue = RequestQueue(policy, where)
         # Running batches by id (their live requests): abort() fails them; len() is how many
         # workers this version occupies.
@@ -141,8 +139,8 @@ class Batcher:
         if deadline is not None and deadline <= request.arrival:
             self._stats.record_failure(0)
             raise DeadlineExceeded(f"{self._where}: the deadline had passed on arrival")
-        if not (self._queue or self._running or self._delay_s or self._gather_next
-                or self._draining):
+        if not (self._queue or self._running or policy.max_queue_delay_us
+                or self._gather_next or self._draining):
             # Idle, and no reason to wait: the collector would send this request alone at
             # once. Sending it from here saves waking the collector, a loop round of latency.
             self._dispatch([request])
@@ -152,7 +150,7 @@ class Batcher:
         # While batches run the collector sleeps: it is woken only when it could send
         # something now (a worker is free and, beside a running batch, a batch is full).
         if not running or (running < self._max_running and (
-                self._queue.rows >= policy.max_batch_size or self._has_preferred)):
+                self._queue.rows >= policy.max_batch_size or policy.preferred_batch_sizes)):
             self._wake()
         return request
 
@@ -189,7 +187,6 @@ class Batcher:
             if not self._queue:
                 if self._draining:
                     self._closed = True
-                    self._queue.cancel_sweep()
                     return None
                 await self._sleep(None)
                 continue
@@ -310,7 +307,6 @@ class Batcher:
     def _fail_queued(self, error: Callable[[], ServingError]) -> None:
         for request in self._queue.take(len(self._queue)):
             _fail(request, error())
-        self._queue.cancel_sweep()
 
 
 def _fail(request: QueuedRequest, error: BaseException) -> None:

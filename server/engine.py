@@ -56,8 +56,9 @@ class EngineOptions:
     inter_op_threads: int = 0
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     warmup: bool = True
-    #: Threads running ONNX Runtime batches (each version runs one batch at a time).
-    execution_workers: int = 2  # pool threads; also each model's most concurrent batches
+    #: Threads running ONNX Runtime batches, shared by all models; also how many batches of
+    #: one version may run at once unless its model.json sets instance_count.
+    execution_workers: int = 2
     #: Server-wide batching defaults for models whose model.json does not set them.
     max_queue_delay_us: int | None = None
     max_queue_size: int | None = None

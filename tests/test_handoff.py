@@ -1,43 +1,54 @@
-"""run_in_thread: a blocking call on a worker thread, its outcome back on the event loop."""
+"""call_in_thread: a blocking call on a worker thread, its outcome back on the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
-from cnnserve.server.handoff import run_in_thread
+from cnnserve.server.handoff import call_in_thread
 
 
-async def test_the_call_runs_off_the_loop_and_its_result_comes_back() -> None:
+class Outcome:
+    """The on_done callback: records the (value, error) pair and the thread it ran on."""
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[tuple[Any, BaseException | None]] = (
+            asyncio.get_running_loop().create_future())
+        self.thread = ""
+
+    def __call__(self, value: Any, error: BaseException | None) -> None:
+        self.thread = threading.current_thread().name
+        self.done.set_result((value, error))
+
+
+async def test_the_call_runs_off_the_loop_and_its_result_comes_back_on_it() -> None:
+    outcome = Outcome()
     with ThreadPoolExecutor(1) as pool:
-        name = await run_in_thread(pool, lambda: threading.current_thread().name)
+        call_in_thread(pool, lambda: threading.current_thread().name, (), outcome)
+        name, error = await outcome.done
+    assert error is None
     assert name != threading.current_thread().name
+    assert outcome.thread == threading.current_thread().name
 
 
-async def test_an_exception_in_the_call_reaches_the_awaiting_coroutine() -> None:
+async def test_an_exception_in_the_call_reaches_on_done() -> None:
     def fail(message: str) -> None:
         raise ValueError(message)
 
-    with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="bad batch"):
-        await run_in_thread(pool, fail, "bad batch")
-
-
-async def test_a_cancelled_wait_drops_the_outcome_quietly() -> None:
-    gate = threading.Event()
+    outcome = Outcome()
     with ThreadPoolExecutor(1) as pool:
-        pending = run_in_thread(pool, gate.wait, 5)
-        pending.cancel()
-        gate.set()
-        assert await run_in_thread(pool, lambda: 42) == 42  # the worker finished the first
-    await asyncio.sleep(0)  # the dropped outcome's callback runs without raising
-    assert pending.cancelled()
+        call_in_thread(pool, fail, ("bad batch",), outcome)
+        value, error = await outcome.done
+    assert value is None
+    assert isinstance(error, ValueError) and str(error) == "bad batch"
 
 
 async def test_a_shut_down_executor_refuses_at_once() -> None:
     pool = ThreadPoolExecutor(1)
     pool.shutdown()
     with pytest.raises(RuntimeError):
-        run_in_thread(pool, lambda: None)
+        call_in_thread(pool, lambda: None, (), lambda value, error: None)
