@@ -6,8 +6,8 @@
 Starts ``cnnserve serve`` in its own process (a LeNet-5-sized model with random weights
 unless ``--repository``/``--model`` name an exported one), then in this process, one after
 the other on the same images: ONNX Runtime in-process exactly as ``cnnserve evaluate`` runs
-it (:func:`cnnserve.training.evaluate.evaluate_onnx`), and the batch job
-(:func:`cnnserve.client.batch.run_batch`). Prints both rates, their ratio (target: the batch
+it (:func:`cnnserve.training.train.evaluate.evaluate_onnx`), and the batch job
+(:func:`cnnserve.client.batch.job.run_batch`). Prints both rates, their ratio (target: the batch
 job at least 60% of in-process on a 2-core machine where client and server share the cores)
 and whether the predictions agree item by item (they must: same preprocessing, same graph).
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import free_port, wait_ready
 from lenet_onnx import write_lenet_repository
 
-from cnnserve.client.batch import BatchOptions, run_batch
+from cnnserve.client.batch.job import BatchOptions, run_batch
 
 
 def _args() -> argparse.Namespace:
@@ -61,8 +61,8 @@ def main() -> None:
         stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
         wait_ready(f"127.0.0.1:{port}", server, log)
-        from cnnserve.datasets import load_split
-        from cnnserve.training.evaluate import evaluate_onnx
+        from cnnserve.common.data.datasets import load_split
+        from cnnserve.training.train.evaluate import evaluate_onnx
 
         name, _, split = args.input.rpartition(":")
         data = load_split(name, split)

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from cnnserve.server.model_config import (
+from cnnserve.common.repository import (
     ModelPolicy,
     Normalization,
     TensorSpec,

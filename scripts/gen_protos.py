@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the Python protobuf/gRPC stubs and their typing stubs from proto/*.proto.
 
-Usage: ``scripts/gen_protos.py [--out DIR]`` (default: the proto/ folder, which installs as
+Usage: ``scripts/gen_protos.py [--out DIR]`` (default: proto/src/cnnserve/proto/, the package
 ``cnnserve.proto``). The .proto files are copied into a temporary tree at
 ``cnnserve/proto/`` so that protoc names them by their import path and the generated code
 imports ``from cnnserve.proto import model_config_pb2`` with no post-processing. Needs
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "proto"
+PROTO_DIR = ROOT / "proto" / "src" / "cnnserve" / "proto"
 PACKAGE_PATH = Path("cnnserve") / "proto"
 MESSAGE_SUFFIXES = ("_pb2.py", "_pb2.pyi")
 SERVICE_SUFFIXES = ("_pb2_grpc.py", "_pb2_grpc.pyi")
@@ -81,7 +81,7 @@ def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=PROTO_DIR,
-                        help="folder for the generated files (default: proto/)")
+                        help="folder for the generated files (default: proto/src/cnnserve/proto/)")
     args = parser.parse_args()
     for path in generate(args.out):
         print(path)

@@ -13,7 +13,7 @@ if [ "${1:-}" = "--quick" ]; then marker=(-m "not slow"); shift; fi
 echo "== ruff"
 ruff check .
 echo "== mypy --strict"
-scripts/typecheck.sh
+mypy
 echo "== pytest"
 set +e
 python -m pytest "${marker[@]}" "$@"

@@ -1,155 +1,16 @@
-"""Shared fixtures. Engine part first: tiny ONNX models written into a tmp model repository.
+"""Shared fixtures: an empty model repository, and a real gRPC server on 127.0.0.1:0.
 
-``write_test_model(repo, name, version, kind=...)`` builds one version with the ``onnx``
-package directly (no torch) and writes model.onnx + config.json (VersionConfig.to_json) the
-way ``cnnserve export`` lays them out. Kinds, all float32, every output row a function of its
-own input row only (so a wrongly split batch shows in the values):
-
-- ``linear``: input "input" [-1,1,4,4] -> Flatten -> MatMul(LINEAR_WEIGHTS) -> "output" [-1,3];
-  labels ("zero", "one", "two"). Expected: :func:`linear_expected`.
-- ``double``: input "x" [-1,2] -> "y" = 2x and "z" = x + 1 (two outputs).
-- ``slow``: input "x" [-1,4] -> "y" = x, computed after a Loop of ``slow_iterations``
-  4x4 MatMul+Tanh steps (about 5-20 us each), for tests that need requests to pile up.
+Helpers that tests import live in :mod:`tests.support` (never ``from conftest import``).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from cnnserve.server.model_config import (
-    CONFIG_FILE,
-    MODEL_FILE,
-    POLICY_FILE,
-    ModelPolicy,
-    TensorSpec,
-    VersionConfig,
-)
-
-Kind = Literal["linear", "double", "slow"]
-OPSET = 17
-LINEAR_WEIGHTS = (np.arange(48, dtype=np.float32).reshape(16, 3) - 24.0) / 8.0
-
-
-def linear_expected(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """What the ``linear`` model returns for input ``x`` of shape [B,1,4,4]."""
-    return np.asarray(x, np.float32).reshape(len(x), 16) @ LINEAR_WEIGHTS
-
-
-def double_expected(x: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
-    """What the ``double`` model returns for input ``x`` of shape [B,2]."""
-    return {"y": x * 2.0, "z": x + 1.0}
-
-
-def config_for(kind: Kind, name: str, max_batch_size: int = 64) -> VersionConfig:
-    """The config.json that matches the graph of ``kind``."""
-    if kind == "linear":
-        return VersionConfig(name=name, inputs=(TensorSpec("input", "FP32", (-1, 1, 4, 4)),),
-                             outputs=(TensorSpec("output", "FP32", (-1, 3)),),
-                             max_batch_size=max_batch_size, labels=("zero", "one", "two"))
-    if kind == "double":
-        return VersionConfig(name=name, inputs=(TensorSpec("x", "FP32", (-1, 2)),),
-                             outputs=(TensorSpec("y", "FP32", (-1, 2)),
-                                      TensorSpec("z", "FP32", (-1, 2))),
-                             max_batch_size=max_batch_size)
-    return VersionConfig(name=name, inputs=(TensorSpec("x", "FP32", (-1, 4)),),
-                         outputs=(TensorSpec("y", "FP32", (-1, 4)),),
-                         max_batch_size=max_batch_size)
-
-
-def _value(name: str, dims: list[Any]) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
-
-
-def build_onnx(kind: Kind, slow_iterations: int = 2000) -> bytes:
-    """Serialized ONNX model of ``kind`` (see the module docstring)."""
-    if kind == "linear":
-        nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
-                 helper.make_node("MatMul", ["flat", "w"], ["output"])]
-        graph = helper.make_graph(nodes, "linear", [_value("input", ["N", 1, 4, 4])],
-                                  [_value("output", ["N", 3])],
-                                  [numpy_helper.from_array(LINEAR_WEIGHTS, "w")])
-    elif kind == "double":
-        nodes = [helper.make_node("Mul", ["x", "two"], ["y"]),
-                 helper.make_node("Add", ["x", "one"], ["z"])]
-        graph = helper.make_graph(nodes, "double", [_value("x", ["N", 2])],
-                                  [_value("y", ["N", 2]), _value("z", ["N", 2])],
-                                  [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
-                                   numpy_helper.from_array(np.array(1.0, np.float32), "one")])
-    else:
-        graph = _slow_graph(slow_iterations)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
-def _slow_graph(iterations: int) -> onnx.GraphProto:
-    w = np.full((4, 4), 0.25, np.float32)
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("MatMul", ["s_in", "w"], ["prod"]),
-         helper.make_node("Tanh", ["prod"], ["s_out"])],
-        "step",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), _value("s_in", None)],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _value("s_out", None)])
-    nodes = [
-        helper.make_node("Loop", ["trips", "cond", "x"], ["s"], body=body),
-        # y = x + 0 * s: exactly x, but only once the loop has run
-        helper.make_node("Mul", ["s", "zero"], ["nothing"]),
-        helper.make_node("Add", ["x", "nothing"], ["y"]),
-    ]
-    inits = [numpy_helper.from_array(np.array(iterations, np.int64), "trips"),
-             numpy_helper.from_array(np.array(True), "cond"),
-             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-             numpy_helper.from_array(w, "w")]
-    return helper.make_graph(nodes, "slow", [_value("x", ["N", 4])], [_value("y", ["N", 4])],
-                             inits)
-
-
-def write_test_model(repo: Path, name: str, version: int, *, kind: Kind = "linear",
-                     max_batch_size: int = 64, policy: ModelPolicy | None = None,
-                     config: VersionConfig | None = None, corrupt: bool = False,
-                     slow_iterations: int = 2000) -> Path:
-    """Write ``<repo>/<name>/<version>/`` (model.onnx + config.json); returns that folder.
-
-    ``policy`` also writes ``<repo>/<name>/model.json``; ``config`` replaces the matching
-    config.json (e.g. to make the signature disagree); ``corrupt`` writes garbage instead of
-    ONNX. A new version appears atomically (built in a "."-prefixed folder, then renamed),
-    an existing one has its files replaced one by one, as a re-export would.
-    """
-    model_dir = repo / name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    if policy is not None:
-        (model_dir / POLICY_FILE).write_text(policy.to_json(), encoding="utf-8")
-    onnx_bytes = b"this is not an ONNX model" if corrupt else build_onnx(kind, slow_iterations)
-    config_text = (config or config_for(kind, name, max_batch_size)).to_json()
-    target = model_dir / str(version)
-    if target.exists():
-        for file, data in ((MODEL_FILE, onnx_bytes), (CONFIG_FILE, config_text.encode())):
-            fd, tmp = tempfile.mkstemp(dir=target, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            Path(tmp).replace(target / file)
-        return target
-    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".tmp-{version}-"))
-    try:
-        (staging / MODEL_FILE).write_bytes(onnx_bytes)
-        (staging / CONFIG_FILE).write_text(config_text, encoding="utf-8")
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+from tests.support.wire import WireServer
 
 
 @pytest.fixture
@@ -160,27 +21,7 @@ def model_repo(tmp_path: Path) -> Path:
     return repo
 
 
-# ---- fixtures of other parts go below this line ---------------------------------------
-
-
 # ---- wire layer: a real gRPC server over the real engine on 127.0.0.1:0 ----------------
-
-class WireServer:
-    """A started in-process server: the real Engine behind create_server on 127.0.0.1:0."""
-
-    def __init__(self, engine: Any, metrics: Any, grpc_server: Any, port: int) -> None:
-        self.engine = engine
-        self.metrics = metrics
-        self.grpc_server = grpc_server
-        self.port = port
-        self.address = f"127.0.0.1:{port}"
-
-    def channel(self, **options: Any) -> Any:
-        """A plaintext grpc.aio channel to the server (close it, or use ``async with``)."""
-        import grpc
-
-        return grpc.aio.insecure_channel(self.address, options=list(options.items()))
-
 
 @pytest.fixture
 async def wire_server() -> Any:
@@ -189,10 +30,10 @@ async def wire_server() -> Any:
     Starts the engine (models loaded and warmed) and the gRPC server; every server started
     is shut down (grace 0) when the test ends.
     """
-    from cnnserve.server.app import create_server
-    from cnnserve.server.engine import Engine, EngineOptions
-    from cnnserve.server.metrics import Metrics
-    from cnnserve.server.settings import Settings
+    from cnnserve.server.engine.core import Engine, EngineOptions
+    from cnnserve.server.process.app import create_server
+    from cnnserve.server.process.settings import Settings
+    from cnnserve.server.telemetry.metrics import Metrics
 
     started: list[WireServer] = []
 

@@ -1,0 +1,1 @@
+"""The batch-inference job: inputs, the job itself and its resumable output file."""

@@ -1,9 +1,0 @@
-"""``python -m cnnserve``: the same as the ``cnnserve`` command."""
-
-from __future__ import annotations
-
-import sys
-
-from cnnserve.cli import main
-
-sys.exit(main())

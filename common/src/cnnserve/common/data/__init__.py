@@ -1,0 +1,1 @@
+"""Image datasets by name (IDX files, packaged datasets, generators), torch-free."""

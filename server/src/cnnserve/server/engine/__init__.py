@@ -1,0 +1,1 @@
+"""The protocol-neutral engine: the repository on disk, which versions serve, their states."""

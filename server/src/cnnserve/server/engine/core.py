@@ -1,0 +1,302 @@
+"""The serving engine: the protocol-neutral core the gRPC layer calls (see ENGINE_API.md).
+
+:class:`Engine` ties the repository (what is served), the runtime (ONNX Runtime sessions) and
+the batcher (how requests reach them) together, and owns the two thread pools: one runs
+ONNX Runtime batches, the other loads models, so a slow load never delays inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cnnserve.common.errors import CnnserveError
+from cnnserve.common.repository import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    ConfigError,
+    ModelPolicy,
+    VersionConfig,
+)
+from cnnserve.server.batching.batcher import Batcher, BatchPolicy
+from cnnserve.server.engine.repository import IndexEntry, Repository
+from cnnserve.server.engine.scan import read_policy
+from cnnserve.server.errors import ModelLoadError, ServerShuttingDown, ServingError, Unsupported
+from cnnserve.server.runtime.ort import Array, OrtRuntime, RuntimeOptions, open_runtime
+from cnnserve.server.telemetry.metrics import Metrics
+from cnnserve.server.telemetry.statistics import BatchStats, StatsRecorder, VersionStats
+
+__all__ = ["BatchStats", "Engine", "EngineOptions", "IndexEntry", "LoadedModel", "VersionStats"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine loads and runs models (one per process, built from flags)."""
+
+    repository: Path
+    #: Models to load at start; () = every model in the repository (explicit mode: none).
+    models: tuple[str, ...] = ()
+    #: none: load at start only; explicit: load/unload by RPC; poll: rescan every poll_interval_s.
+    control_mode: Literal["none", "explicit", "poll"] = "none"
+    poll_interval_s: float = 5.0
+    #: Default execution provider; model.json ``device`` overrides it per model.
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    intra_op_threads: int = 1  # 0 = ONNX Runtime's default (one per core); see Settings
+    inter_op_threads: int = 0
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    warmup: bool = True
+    #: Threads running ONNX Runtime batches, shared by all models; also how many batches of
+    #: one version may run at once unless its model.json sets instance_count.
+    execution_workers: int = 2
+    #: Server-wide batching defaults for models whose model.json does not set them.
+    max_queue_delay_us: int | None = None
+    max_queue_size: int | None = None
+
+
+class _Gate:
+    """Shared by the engine and its models: once draining, no new requests."""
+
+    draining = False
+
+
+class LoadedModel:
+    """One READY model version; safe to hold across an unload (in-flight requests complete)."""
+
+    def __init__(self, config: VersionConfig, policy: ModelPolicy, version: int,
+                 runtime: OrtRuntime, batcher: Batcher, stats: StatsRecorder, gate: _Gate,
+                 metrics: Metrics) -> None:
+        self.name = config.name
+        self.version = version
+        self.version_label = str(version)  # as requests, responses and metrics carry it
+        self.config = config
+        self.output_datatypes = {t.name: t.datatype for t in config.outputs}
+        self.policy = policy
+        self.providers = runtime.providers
+        self.instance_count = batcher.max_running  # batches that may run at once
+        self._runtime = runtime
+        self._batcher = batcher
+        self._stats = stats
+        self._gate = gate
+        self._metrics = metrics
+        self._closing: asyncio.Task[None] | None = None
+
+    async def infer(self, inputs: Mapping[str, Array], outputs: Sequence[str] = (), *,
+                    deadline: float | None = None) -> dict[str, Array]:
+        """Run validated ``inputs`` (same first dim B) through the batcher; see ENGINE_API.md.
+
+        Returns the ``outputs`` asked for (all if empty), each with first dim B. Raises
+        QueueFull, DeadlineExceeded, ServerShuttingDown, InferenceFailed, ModelNotReady.
+        """
+        if self._gate.draining:
+            raise ServerShuttingDown("the server is shutting down and takes no new requests")
+        return await self._batcher.submit(inputs, outputs, deadline)
+
+    def statistics(self) -> VersionStats:
+        """Cumulative statistics since this version was loaded."""
+        return self._stats.snapshot()
+
+    async def close(self) -> None:
+        """Serve everything queued or running, then release the session (idempotent)."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.wait({self._closing})
+
+    async def _close(self) -> None:
+        await self._batcher.drain()
+        self._runtime.close()
+        self._metrics.model_unloaded(self.name, self.version, self.providers)
+
+    async def abort(self) -> None:
+        """Fail whatever is still queued or running with ServerShuttingDown and release."""
+        await self._batcher.abort()
+        await self.close()
+
+
+class Engine:
+    """The facade the wire layer uses: lookups, inference models, model control, stats."""
+
+    def __init__(self, options: EngineOptions, metrics: Metrics) -> None:
+        self._options = options
+        self._metrics = metrics
+        self._executor = ThreadPoolExecutor(options.execution_workers,
+                                            thread_name_prefix="cnnserve-ort")
+        self._loader = ThreadPoolExecutor(2, thread_name_prefix="cnnserve-load")
+        self._gate = _Gate()
+        policy_reader = functools.partial(
+            read_policy, max_queue_delay_us=options.max_queue_delay_us,
+            max_queue_size=options.max_queue_size)
+        self._repo = Repository[LoadedModel](options.repository, self._open_version,
+                                             policy_reader, self._loader, metrics)
+        self._required: set[str] = set()
+        self._started = False
+        self._poll_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load the models asked for and warm them up.
+
+        A model that fails is reported (log, metric, index) and leaves the server not ready;
+        raises CnnserveError only if the repository folder is missing.
+        """
+        root = self._options.repository
+        if not root.is_dir():
+            raise CnnserveError(f"model repository {root} does not exist or is not a folder")
+        scans = await self._repo.rescan()
+        names = list(self._options.models)
+        if not names and self._options.control_mode != "explicit":
+            names = sorted(scans)
+        self._required = set(names)
+        await asyncio.gather(*(self._load_reported(n) for n in names))
+        self._started = True
+        if self._options.control_mode == "poll":
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll_forever())
+        log.info("engine started: %d of %d models ready", sum(map(self._repo.has_ready, names)),
+                 len(names))
+
+    async def _load_reported(self, name: str) -> None:
+        try:
+            await self._repo.load(name)
+        except ServingError as exc:
+            log.error("model '%s' is not ready: %s", name, exc)
+
+    async def _poll_forever(self) -> None:
+        wanted = set(self._options.models)
+        while True:
+            await asyncio.sleep(self._options.poll_interval_s)
+            try:
+                await self._repo.poll(lambda name: not wanted or name in wanted)
+                self._required &= self._repo.known  # a removed model is no longer required
+            except Exception:  # a bad scan must not end polling
+                log.exception("repository poll failed")
+
+    async def _open_version(self, name: str, version: int, folder: Path,
+                            policy: ModelPolicy) -> LoadedModel:
+        where = f"model '{name}' version {version}"
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            config = await loop.run_in_executor(self._loader, VersionConfig.load,
+                                                folder / CONFIG_FILE)
+        except ConfigError as exc:
+            raise ModelLoadError(f"{where}: {exc}") from exc
+        config = _effective_config(config, name, policy)
+        opts = self._options
+        runtime_options = RuntimeOptions(policy.device or opts.device, opts.intra_op_threads,
+                                         opts.inter_op_threads, opts.graph_optimization,
+                                         opts.warmup)
+        runtime = await loop.run_in_executor(self._loader, open_runtime, folder / MODEL_FILE,
+                                             config, runtime_options, where)
+        batching = policy.dynamic_batching
+        batcher = Batcher(
+            runtime,
+            BatchPolicy(config.max_batch_size, batching.max_queue_delay_microseconds,
+                        tuple(b for b in batching.preferred_batch_size
+                              if b <= config.max_batch_size),
+                        batching.max_queue_size),
+            self._executor, [t.name for t in config.outputs], where=where,
+            stats=(stats := StatsRecorder(name, version)),
+            metrics=self._metrics.for_version(name, version),
+            max_running=policy.instance_count or opts.execution_workers)
+        batcher.start()
+        seconds = time.monotonic() - started
+        self._metrics.model_loaded(name, version, seconds, runtime.providers)
+        log.info("%s loaded in %.3f s on %s", where, seconds, ", ".join(runtime.providers))
+        return LoadedModel(config, policy, version, runtime, batcher, stats, self._gate,
+                           self._metrics)
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new requests, finish queued and running ones within ``grace_s`` seconds,
+        then fail the rest with ServerShuttingDown and release every session."""
+        self.begin_drain()
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            await asyncio.gather(self._poll_task, return_exceptions=True)
+        closing = {asyncio.ensure_future(m.close()): m for m in self._repo.servables()}
+        if closing:
+            _, late = await asyncio.wait(closing, timeout=max(grace_s, 0.0))
+            if late:
+                log.warning("grace period of %.1f s over: failing what is left on %d model "
+                            "versions", grace_s, len(late))
+                await asyncio.gather(*(closing[task].abort() for task in late))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def begin_drain(self) -> None:
+        """From now on new infer() calls raise ServerShuttingDown."""
+        self._gate.draining = True
+
+    @property
+    def ready(self) -> bool:
+        """Started, not draining, and every model asked for at start has a READY version."""
+        return (self._started and not self._gate.draining
+                and all(self._repo.has_ready(n) for n in self._required))
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        """The READY model version ("" = newest READY allowed by the policy).
+
+        Raises ModelNotFound (unknown model or version; lists what exists) or ModelNotReady
+        (loading, failed or unloaded; says why).
+        """
+        return self._repo.lookup(name, version)
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        """Whether :meth:`get` would return a model."""
+        with contextlib.suppress(ServingError):
+            self._repo.lookup(name, version)
+            return True
+        return False
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model in the repository and the state of each version with one."""
+        return self._repo.index(ready_only)
+
+    async def load(self, name: str) -> None:
+        """(Re)load ``name`` from disk per its policy (explicit control mode only).
+
+        New versions are warmed up before they take traffic; if one fails, the versions
+        serving keep serving and ModelLoadError says why. Raises ModelNotFound, Unsupported.
+        """
+        self._check_control("load")
+        await self._repo.load(name)
+
+    async def unload(self, name: str) -> None:
+        """Retire every version of ``name``; requests in flight on it complete."""
+        self._check_control("unload")
+        await self._repo.unload(name)
+
+    def _check_control(self, action: str) -> None:
+        mode = self._options.control_mode
+        if mode != "explicit":
+            raise Unsupported(f"cannot {action} models: model control mode is '{mode}'; start "
+                              "the server in 'explicit' mode to load and unload by request")
+
+    def statistics(self, name: str = "", version: str = "") -> list[VersionStats]:
+        """Statistics of READY versions: all models ("" name), a model's, or one version's."""
+        if not name:
+            models = [m for n in self._repo.names() for m in self._repo.ready_versions(n)]
+        elif version:
+            models = [self.get(name, version)]
+        else:
+            models = self._repo.ready_versions(name)
+        return [m.statistics() for m in models]
+
+
+def _effective_config(config: VersionConfig, name: str, policy: ModelPolicy) -> VersionConfig:
+    """config.json with the folder's name and model.json's lower max_batch_size applied."""
+    if config.name != name:
+        log.warning("config.json names model '%s' but it is served as '%s' (its folder)",
+                    config.name, name)
+    limit = config.max_batch_size
+    if policy.max_batch_size is not None:
+        limit = min(limit, policy.max_batch_size)
+    return dataclasses.replace(config, name=name, max_batch_size=limit)

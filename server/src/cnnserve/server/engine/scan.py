@@ -1,0 +1,92 @@
+"""Reading the repository folder: fingerprints of what is on disk, policy files, selection.
+
+Everything here that touches the disk is blocking and runs in the repository's worker thread.
+A version's fingerprint is the (mtime_ns, size, inode) of its model.onnx and config.json, so
+a re-export (new files, even of the same size) reads as a change; folders whose names start
+with "." (export's staging folders) are never models or versions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from cnnserve.common.repository import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    POLICY_FILE,
+    ModelPolicy,
+    list_versions,
+)
+
+#: (mtime_ns, size, inode) of each file that defines a version; a change means "reload".
+Fingerprint = tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class ModelScan:
+    """What a model folder held at one moment."""
+
+    name: str
+    policy: Fingerprint
+    versions: Mapping[int, Fingerprint]
+
+
+def select_versions(policy: ModelPolicy,
+                    available: Mapping[int, object]) -> tuple[list[int], list[int]]:
+    """(versions to try, newest first; versions the policy names that are not on disk)."""
+    newest_first = sorted(available, reverse=True)
+    specific = policy.version_policy.get("specific")
+    if specific is None:
+        return newest_first, []
+    wanted = sorted(set(specific), reverse=True)
+    return [v for v in wanted if v in available], [v for v in wanted if v not in available]
+
+
+def read_policy(path: Path, max_queue_delay_us: int | None = None,
+                max_queue_size: int | None = None) -> ModelPolicy:
+    """model.json with the server-wide batching defaults for the fields it does not set.
+
+    Blocking (reads the file). Raises ConfigError for an invalid model.json.
+    """
+    policy = ModelPolicy.load(path)
+    given: dict[str, Any] = {}
+    if path.exists():
+        given = json.loads(path.read_text(encoding="utf-8")).get("dynamic_batching") or {}
+    batching = policy.dynamic_batching
+    if max_queue_delay_us is not None and "max_queue_delay_microseconds" not in given:
+        batching = replace(batching, max_queue_delay_microseconds=max_queue_delay_us)
+    if max_queue_size is not None and "max_queue_size" not in given:
+        batching = replace(batching, max_queue_size=max_queue_size)
+    return replace(policy, dynamic_batching=batching)
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1, -1)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def scan_model(root: Path, name: str) -> ModelScan | None:
+    """Fingerprint one model folder (blocking); None if it does not exist."""
+    folder = root / name
+    if name.startswith(".") or not folder.is_dir():
+        return None
+    versions = {v: (_stat(folder / str(v) / MODEL_FILE), _stat(folder / str(v) / CONFIG_FILE))
+                for v in list_versions(folder)}
+    return ModelScan(name, (_stat(folder / POLICY_FILE),), versions)
+
+
+def scan_repository(root: Path) -> dict[str, ModelScan]:
+    """Fingerprint every model folder (blocking); folders starting with "." are ignored."""
+    scans = {}
+    for entry in sorted(root.iterdir()):
+        scan = scan_model(root, entry.name)
+        if scan is not None:
+            scans[entry.name] = scan
+    return scans

@@ -1,0 +1,1 @@
+"""The gRPC wire layer: servicer, messages, codec, validation, health, interceptors."""

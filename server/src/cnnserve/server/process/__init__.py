@@ -1,0 +1,1 @@
+"""The server process: settings, command line, logging, assembly and the container health probe."""

@@ -1,0 +1,235 @@
+"""ONNX Runtime sessions: one per loaded model version.
+
+:func:`open_runtime` is blocking (it reads the file, builds the session and runs the warm-up)
+and is meant to be called from a worker thread, never on the event loop. It fails with
+:class:`ModelLoadError` when the file is corrupt, when the ONNX signature disagrees with
+config.json, or when CUDA was explicitly asked for but is not what the session runs on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from cnnserve.common.repository import DATATYPES, TensorSpec, VersionConfig
+from cnnserve.server.errors import ModelLoadError
+from cnnserve.server.telemetry.statistics import BatchTimings
+
+log = logging.getLogger(__name__)
+
+Array = npt.NDArray[Any]
+Device = Literal["cpu", "cuda", "auto"]
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+#: ONNX Runtime's type strings -> KServe datatypes.
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+class Runner(Protocol):
+    """What the batcher needs from a model: run one batch, all outputs, same row count."""
+
+    def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        """Blocking; called from a worker thread. Raises whatever the backend raises."""
+        ...
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How sessions are built (see EngineOptions for the meaning of each field)."""
+
+    device: Device = "cpu"
+    intra_op_threads: int = 1  # 0 = ONNX Runtime's default (one per core); see Settings
+    inter_op_threads: int = 0
+    graph_optimization: GraphOptimization = "all"
+    warmup: bool = True
+
+
+class OrtRuntime:
+    """One ONNX Runtime InferenceSession; :meth:`run` is thread-safe."""
+
+    def __init__(self, session: ort.InferenceSession, config: VersionConfig) -> None:
+        self._session: ort.InferenceSession | None = session
+        self._outputs = [t.name for t in config.outputs]
+        self.providers: tuple[str, ...] = tuple(session.get_providers())
+
+    def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        """Run one batch and return every output of config.json by name."""
+        session = self._session
+        if session is None:
+            raise RuntimeError("the session was closed")
+        results = session.run(self._outputs, dict(inputs))
+        return dict(zip(self._outputs, results, strict=True))
+
+    def close(self) -> None:
+        """Drop the session (ORT frees it once no running batch holds it)."""
+        self._session = None
+
+
+def run_batch(runner: Runner, inputs: Sequence[Mapping[str, Array]], rows: Sequence[int],
+              outputs: Sequence[Sequence[str]]) -> tuple[list[dict[str, Array]], BatchTimings]:
+    """Run several requests as one batch (blocking; the batcher calls it in a worker thread).
+
+    ``inputs[i]`` holds request i's tensors with ``rows[i]`` rows; ``outputs[i]`` names the
+    outputs it wants (empty: all). Inputs are concatenated once (a lone request is passed as
+    it is, without a copy); outputs come back as views into the batch's arrays. Raises
+    whatever the runner raises, or RuntimeError if an output's row count is not the batch's.
+    """
+    t0 = time.perf_counter_ns()
+    if len(inputs) == 1:
+        feeds = inputs[0]
+    else:
+        feeds = {name: np.concatenate([x[name] for x in inputs]) for name in inputs[0]}
+    total = sum(rows)
+    t1 = time.perf_counter_ns()
+    results = runner.run(feeds)
+    t2 = time.perf_counter_ns()
+    for name, value in results.items():
+        got = value.shape[0] if value.ndim else 0
+        if got != total:
+            raise RuntimeError(f"output '{name}' has {got} rows but the batch had {total}")
+    split: list[dict[str, Array]] = []
+    offset = 0
+    for n, wanted in zip(rows, outputs, strict=True):
+        split.append({k: results[k][offset:offset + n] if len(rows) > 1 else results[k]
+                      for k in (wanted or results)})
+        offset += n
+    return split, BatchTimings(t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+
+
+def select_providers(device: Device, where: str) -> list[str]:
+    """Providers to ask ORT for; raises ModelLoadError if ``cuda`` cannot be provided."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "auto":
+        return [CPU]
+    raise ModelLoadError(
+        f"{where}: device 'cuda' was requested but this onnxruntime build has no "
+        f"{CUDA} (available: {', '.join(available)}); install onnxruntime-gpu with a "
+        "matching CUDA, or serve with device 'cpu' or 'auto'")
+
+
+def open_runtime(model_path: Path, config: VersionConfig, options: RuntimeOptions,
+                 where: str) -> OrtRuntime:
+    """Build, check and warm up the session of ``model_path`` (blocking).
+
+    ``where`` names the model version in error messages, e.g. "model 'mnist' version 2".
+    Raises ModelLoadError with the reason.
+    """
+    providers = select_providers(options.device, where)
+    if not model_path.is_file():
+        raise ModelLoadError(f"{where}: {model_path} does not exist")
+    try:
+        session = ort.InferenceSession(str(model_path), sess_options=_session_options(options),
+                                       providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        raise ModelLoadError(f"{where}: onnxruntime cannot load {model_path}: {exc}") from exc
+    active = session.get_providers()
+    if options.device == "cuda" and CUDA not in active:
+        raise ModelLoadError(
+            f"{where}: device 'cuda' was requested but the session runs on {active}: CUDA "
+            "could not be initialised (see onnxruntime's log for the missing library); "
+            "fix the CUDA installation or serve with device 'cpu' or 'auto'")
+    check_signature(session, config, where)
+    runtime = OrtRuntime(session, config)
+    if options.warmup:
+        warm_up(runtime, config, where)
+    return runtime
+
+
+def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
+    # Idle intra-op threads spin by default, burning the cores the event loop and the
+    # gRPC threads need between batches; serving prefers to give the CPU back.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3  # errors only: ORT's warnings would duplicate ours
+    return so
+
+
+def check_signature(session: ort.InferenceSession, config: VersionConfig, where: str) -> None:
+    """Compare the graph's inputs/outputs with config.json; raise ModelLoadError on mismatch."""
+    problems = _compare("input", session.get_inputs(), config.inputs)
+    problems += _compare("output", session.get_outputs(), config.outputs)
+    if problems:
+        raise ModelLoadError(f"{where}: model.onnx disagrees with config.json: "
+                             + "; ".join(problems))
+
+
+def _compare(kind: str, actual: Sequence[Any], expected: Sequence[TensorSpec]) -> list[str]:
+    graph = {a.name: a for a in actual}
+    problems = []
+    missing = [t.name for t in expected if t.name not in graph]
+    extra = sorted(set(graph) - {t.name for t in expected})
+    if missing or extra:
+        problems.append(f"{kind}s differ: config.json lists {[t.name for t in expected]}, "
+                        f"the graph has {sorted(graph)}")
+    for spec in expected:
+        node = graph.get(spec.name)
+        if node is None:
+            continue
+        dtype = _ORT_TYPES.get(node.type, node.type)
+        if dtype != spec.datatype:
+            problems.append(f"{kind} '{spec.name}' is {dtype} in the graph, "
+                            f"{spec.datatype} in config.json")
+        dims = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape]
+        if len(dims) != len(spec.shape):
+            problems.append(f"{kind} '{spec.name}' has rank {len(dims)} {dims} in the graph, "
+                            f"rank {len(spec.shape)} {list(spec.shape)} in config.json")
+        elif any(g != -1 and g != c for g, c in zip(dims, spec.shape, strict=True)):
+            problems.append(f"{kind} '{spec.name}' has shape {dims} in the graph, "
+                            f"{list(spec.shape)} in config.json")
+    return problems
+
+
+def warm_up(runtime: Runner, config: VersionConfig, where: str) -> None:
+    """Run one batch of zeros so the first real request pays no first-run cost.
+
+    Also proves the graph actually executes; raises ModelLoadError if it does not.
+    """
+    feeds = {t.name: example_input(t, rows=1) for t in config.inputs}
+    try:
+        outputs = runtime.run(feeds)
+    except Exception as exc:
+        raise ModelLoadError(f"{where}: warm-up inference failed: {exc}") from exc
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != 1:
+            raise ModelLoadError(f"{where}: warm-up with 1 row returned output '{name}' of "
+                                 f"shape {list(value.shape)}; the first dimension must be "
+                                 "the batch")
+
+
+def example_input(spec: TensorSpec, rows: int) -> Array:
+    """Zeros (empty strings for BYTES) of the tensor's shape with ``rows`` rows."""
+    shape = (rows, *(d if d > 0 else 1 for d in spec.shape[1:]))
+    if spec.datatype == "BYTES":
+        return np.full(shape, "", dtype=object)
+    return np.zeros(shape, dtype=DATATYPES[spec.datatype])

@@ -1,0 +1,1 @@
+"""Prometheus metrics, lock-free loop metrics and Triton-shaped inference statistics."""

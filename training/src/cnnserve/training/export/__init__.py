@@ -1,0 +1,1 @@
+"""Export: a checkpoint becomes a verified ONNX version in the model repository."""

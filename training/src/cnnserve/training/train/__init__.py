@@ -1,0 +1,1 @@
+"""Training: spec language, networks, data, the loop, checkpoints, evaluation, reports."""
