@@ -7,7 +7,7 @@ Starts ``cnnserve serve`` in its own process (a LeNet-5-sized model with random 
 unless ``--repository``/``--model`` name an exported one), then in this process, one after
 the other on the same images: ONNX Runtime in-process exactly as ``cnnserve evaluate`` runs
 it (:func:`cnnserve.training.train.evaluate.evaluate_onnx`), and the batch job
-(:func:`cnnserve.client.batch.job.run_batch`). Prints both rates, their ratio (target: the batch
+(:func:`cnnserve.client.batch.job.run_batch_job`). Prints both rates, their ratio (target: the batch
 job at least 60% of in-process on a 2-core machine where client and server share the cores)
 and whether the predictions agree item by item (they must: same preprocessing, same graph).
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import free_port, wait_ready
 from lenet_onnx import write_lenet_repository
 
-from cnnserve.client.batch.job import BatchOptions, run_batch
+from cnnserve.client.batch.job import BatchOptions, run_batch_job
 
 
 def _args() -> argparse.Namespace:
@@ -71,7 +71,7 @@ def main() -> None:
         in_process_s = time.perf_counter() - started
 
         out = tmp / "out.jsonl"
-        summary = run_batch(BatchOptions(
+        summary = run_batch_job(BatchOptions(
             url=f"127.0.0.1:{port}", model=args.model, input=args.input, output=str(out),
             batch_size=args.batch_size, concurrency=args.concurrency, top_k=1,
             progress=False))

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cnnserve.client import InferenceClient, ModelInfo
 from cnnserve.client._infer import softmax
-from cnnserve.client.batch.job import BatchOptions, run_batch
+from cnnserve.client.batch.job import BatchOptions, run_batch_job
 from cnnserve.client.batch.results import ResultsFile
 from cnnserve.common.errors import CnnserveError
 from cnnserve.common.repository import Normalization, TensorSpec, VersionConfig
@@ -86,7 +86,7 @@ def test_folder_job_writes_every_item_in_order_and_a_corrupt_image_is_not_fatal(
         server: ServerThread, info: ModelInfo, tmp_path: Path, fmt: str) -> None:
     pixels = _pixels(10)
     ids = _image_folder(tmp_path / "images", pixels)
-    summary = run_batch(_options(server, tmp_path, tmp_path / "images", f"out.{fmt}"))
+    summary = run_batch_job(_options(server, tmp_path, tmp_path / "images", f"out.{fmt}"))
     assert (summary.total, summary.processed, summary.errors, summary.failed) == (11, 11, 1, True)
     lines = (tmp_path / f"out.{fmt}").read_text().splitlines()
     if fmt == "csv":
@@ -164,11 +164,11 @@ def test_a_partial_last_line_is_dropped_and_redone(server: ServerThread, tmp_pat
     pixels = _pixels(12)
     _image_folder(tmp_path / "images", pixels)
     options = _options(server, tmp_path, tmp_path / "images", "out.jsonl")
-    run_batch(options)
+    run_batch_job(options)
     reference = (tmp_path / "out.jsonl").read_bytes()
     lines = reference.splitlines(keepends=True)
     (tmp_path / "out.jsonl").write_bytes(b"".join(lines[:5]) + lines[5][:17])  # killed mid-write
-    summary = run_batch(options)
+    summary = run_batch_job(options)
     assert (summary.skipped, summary.processed) == (5, 8)
     assert (tmp_path / "out.jsonl").read_bytes() == reference
 
@@ -178,11 +178,11 @@ def test_rerun_skips_failed_items_unless_asked_to_retry_them(
     pixels = _pixels(6)
     _image_folder(tmp_path / "images", pixels)
     options = _options(server, tmp_path, tmp_path / "images", "out.csv")
-    assert run_batch(options).errors == 1
+    assert run_batch_job(options).errors == 1
     Image.fromarray(pixels[0, 0]).save(tmp_path / "images" / "broken.png")  # repaired
-    again = run_batch(options)
+    again = run_batch_job(options)
     assert (again.processed, again.skipped, again.earlier_errors, again.failed) == (0, 7, 1, True)
-    retried = run_batch(_options(server, tmp_path, tmp_path / "images", "out.csv",
+    retried = run_batch_job(_options(server, tmp_path, tmp_path / "images", "out.csv",
                                  retry_failed=True))
     assert (retried.processed, retried.errors, retried.failed) == (1, 0, False)
     rows = (tmp_path / "out.csv").read_text().splitlines()
@@ -220,7 +220,7 @@ def test_npz_labels_give_accuracy_and_normalisation_comes_from_the_model(
     labels = predicted.copy()
     labels[::4] = (labels[::4] + 1) % 3  # a quarter wrong on purpose
     np.savez(tmp_path / "data.npz", images=pixels[:, 0], labels=labels)  # [N, H, W] layout
-    summary = run_batch(_options(server, tmp_path, tmp_path / "data.npz", "out.jsonl",
+    summary = run_batch_job(_options(server, tmp_path, tmp_path / "data.npz", "out.jsonl",
                                  model="normed", top_k=3))
     assert (summary.labelled, summary.correct) == (40, 30)
     assert "accuracy: 0.7500 (30/40 labelled items)" in summary.format()
@@ -232,7 +232,7 @@ def test_npz_labels_give_accuracy_and_normalisation_comes_from_the_model(
 
 
 def test_dataset_name_input(server: ServerThread, tmp_path: Path) -> None:
-    summary = run_batch(_options(server, tmp_path, "synthetic:1x4x4:test", "out.jsonl",
+    summary = run_batch_job(_options(server, tmp_path, "synthetic:1x4x4:test", "out.jsonl",
                                  batch_size=64))
     assert (summary.total, summary.errors, summary.labelled) == (300, 0, 300)
     from cnnserve.common.data.datasets import load_split
@@ -246,13 +246,13 @@ def test_inputs_that_do_not_fit_are_refused_up_front(server: ServerThread,
                                                      tmp_path: Path) -> None:
     np.save(tmp_path / "wrong.npy", np.zeros((3, 1, 5, 5), np.uint8))
     with pytest.raises(CnnserveError, match=r"does not fit model 'linear' input 1x4x4"):
-        run_batch(_options(server, tmp_path, tmp_path / "wrong.npy", "out.jsonl"))
+        run_batch_job(_options(server, tmp_path, tmp_path / "wrong.npy", "out.jsonl"))
     with pytest.raises(CnnserveError, match="not a folder, file, glob"):
-        run_batch(_options(server, tmp_path, tmp_path / "missing.png", "out.jsonl"))
+        run_batch_job(_options(server, tmp_path, tmp_path / "missing.png", "out.jsonl"))
     (tmp_path / "foreign.csv").write_text("a,b\n1,2\n")
     np.save(tmp_path / "ok.npy", _pixels(2))
     with pytest.raises(CnnserveError, match="not a CSV written by cnnserve batch"):
-        run_batch(_options(server, tmp_path, tmp_path / "ok.npy", "foreign.csv"))
+        run_batch_job(_options(server, tmp_path, tmp_path / "ok.npy", "foreign.csv"))
 
 
 def test_results_file_round_trips_awkward_ids(tmp_path: Path) -> None:
@@ -279,7 +279,7 @@ def test_idx_file_with_its_labels_file_and_a_glob_of_labelled_folders(
     predicted = np.argmax(_expected(pixels), axis=1)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", pixels[:, 0])
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", predicted.astype(np.uint8))
-    summary = run_batch(_options(server, tmp_path, tmp_path / "t10k-images-idx3-ubyte.gz",
+    summary = run_batch_job(_options(server, tmp_path, tmp_path / "t10k-images-idx3-ubyte.gz",
                                  "idx.jsonl"))
     assert (summary.total, summary.labelled, summary.correct) == (30, 30, 30)
 
@@ -289,7 +289,7 @@ def test_idx_file_with_its_labels_file_and_a_glob_of_labelled_folders(
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image[0]).save(folder / f"{i}.png")
     (tmp_path / "by_class" / "notes.txt").write_text("not an image, not matched")
-    summary = run_batch(_options(server, tmp_path, str(tmp_path / "by_class" / "*" / "*.png"),
+    summary = run_batch_job(_options(server, tmp_path, str(tmp_path / "by_class" / "*" / "*.png"),
                                  "glob.csv"))
     assert (summary.total, summary.errors, summary.labelled, summary.correct) == (9, 0, 9, 9)
     rows = (tmp_path / "glob.csv").read_text().splitlines()[1:]

@@ -28,7 +28,7 @@ from cnnserve.client import (
 )
 from cnnserve.client._infer import softmax
 from tests.support.client import FlakyServicer, ServerThread, start_fake
-from tests.support.models import double_expected, linear_expected, write_test_model
+from tests.support.models import ORT_TOLERANCE, double_expected, linear_expected, write_test_model
 
 FAST = RetryPolicy(retries=5, initial_backoff=0.01, max_backoff=0.05)
 
@@ -80,7 +80,7 @@ def test_infer_returns_numpy_arrays_by_tensor_name(client: InferenceClient) -> N
     x = np.random.default_rng(1).standard_normal((5, 1, 4, 4)).astype(np.float32)
     out = client.infer("linear", {"input": x})
     assert list(out) == ["output"] and out["output"].dtype == np.float32
-    np.testing.assert_allclose(out["output"], linear_expected(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["output"], linear_expected(x), **ORT_TOLERANCE)
     d = np.arange(6, dtype=np.float32).reshape(3, 2)
     both = client.infer("double", {"x": d}, version="1")
     for name, expected in double_expected(d).items():
@@ -93,7 +93,7 @@ def test_a_batch_larger_than_max_batch_size_is_split_and_rejoined(
     before = client.statistics("linear").model_stats[0].inference_count
     x = np.random.default_rng(2).standard_normal((45, 1, 4, 4)).astype(np.float32)
     out = client.infer("linear", {"input": x})  # max_batch_size is 8: six requests
-    np.testing.assert_allclose(out["output"], linear_expected(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["output"], linear_expected(x), **ORT_TOLERANCE)
     stats = client.statistics("linear").model_stats[0]
     assert stats.inference_count - before == 45
     assert max(b.batch_size for b in stats.batch_stats) <= 8
@@ -107,7 +107,7 @@ def test_classify_uses_the_models_labels(client: InferenceClient, tmp_path: Path
     for row, p in zip(result, probs, strict=True):
         order = np.argsort(-p, kind="stable")[:2]
         assert [r.label for r in row] == [("zero", "one", "two")[i] for i in order]
-        np.testing.assert_allclose([r.probability for r in row], p[order], rtol=1e-5)
+        np.testing.assert_allclose([r.probability for r in row], p[order], **ORT_TOLERANCE)
     Image.fromarray(pixels[0, 0]).save(tmp_path / "photo.png")
     assert client.classify("linear", tmp_path / "photo.png", top_k=2) == result[:1]
 
@@ -290,7 +290,7 @@ def test_a_server_that_is_down_and_then_comes_up(repo: Path) -> None:
         caller.join(30)
     finally:
         server.close()
-    np.testing.assert_allclose(result["out"]["output"], linear_expected(x), rtol=1e-5)
+    np.testing.assert_allclose(result["out"]["output"], linear_expected(x), **ORT_TOLERANCE)
 
 
 # -- the asyncio client ---------------------------------------------------------------------
@@ -304,8 +304,7 @@ async def test_async_client_makes_the_same_calls(server: ServerThread) -> None:
         x = np.random.default_rng(3).standard_normal((30, 1, 4, 4)).astype(np.float32)
         outs = await asyncio.gather(*(c.infer("linear", {"input": x[i:]}) for i in range(3)))
         for i, out in enumerate(outs):
-            np.testing.assert_allclose(out["output"], linear_expected(x[i:]), rtol=1e-5,
-                                       atol=1e-5)
+            np.testing.assert_allclose(out["output"], linear_expected(x[i:]), **ORT_TOLERANCE)
         top = await c.classify("linear", _pixels(2), top_k=3)
         assert [len(r) for r in top] == [3, 3]
         assert {r.label for r in top[0]} == {"zero", "one", "two"}

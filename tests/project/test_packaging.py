@@ -27,7 +27,8 @@ def test_wheel_installs_one_import_root(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"cnnserve", next(t for t in tops if t.endswith(".dist-info"))}, tops
-    for required in ("cnnserve/cli/__init__.py", "cnnserve/common/repository.py", "cnnserve/training/py.typed", "cnnserve/server/py.typed",
+    for required in ("cnnserve/cli/__init__.py", "cnnserve/common/repository.py",
+                     "cnnserve/training/py.typed", "cnnserve/server/py.typed",
                      "cnnserve/client/py.typed", "cnnserve/proto/grpc_service_pb2.py",
                      "cnnserve/proto/grpc_service_pb2_grpc.py",
                      "cnnserve/proto/grpc_service.proto", "cnnserve/server/engine/core.py"):

@@ -7,11 +7,11 @@ import struct
 import numpy as np
 import pytest
 
+from cnnserve.common.datatypes import datatype_of
 from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.server.errors import InvalidRequest
 from cnnserve.server.grpc.codec import (
     OutputTensor,
-    datatype_of,
     decode_inputs,
     encode_outputs,
     to_raw,

@@ -16,8 +16,8 @@ import pytest
 
 from cnnserve.common.errors import CnnserveError
 from cnnserve.common.repository import ConfigError, DynamicBatching, ModelPolicy
-from cnnserve.server.engine.core import Engine, EngineOptions, IndexEntry
 from cnnserve.server.engine import core as engine_module
+from cnnserve.server.engine.core import Engine, EngineOptions, IndexEntry
 from cnnserve.server.errors import (
     DeadlineExceeded,
     ModelLoadError,
@@ -28,7 +28,7 @@ from cnnserve.server.errors import (
     Unsupported,
 )
 from cnnserve.server.telemetry.metrics import Metrics
-from tests.support.models import linear_expected, write_test_model
+from tests.support.models import ORT_TOLERANCE, linear_expected, write_test_model
 
 MakeEngine = Callable[..., Awaitable[Engine]]
 
@@ -71,7 +71,7 @@ async def test_start_serves_every_model_with_correct_values(model_repo: Path,
     assert (model.name, model.version, model.providers) == ("m", 1, ("CPUExecutionProvider",))
     x = images(3)
     out = await model.infer({"input": x}, ())
-    np.testing.assert_allclose(out["output"], linear_expected(x), rtol=1e-5)
+    np.testing.assert_allclose(out["output"], linear_expected(x), **ORT_TOLERANCE)
     xd = np.array([[1.0, 2.0]], np.float32)
     assert (await engine.get("d").infer({"x": xd}, ["z"])).keys() == {"z"}
 
@@ -84,7 +84,7 @@ async def test_concurrent_batch1_callers_share_ort_runs_and_get_their_own_rows(
     xs = [images(1, seed=i) for i in range(32)]
     results = await asyncio.gather(*(model.infer({"input": x}, ()) for x in xs))
     for x, out in zip(xs, results, strict=True):
-        np.testing.assert_allclose(out["output"], linear_expected(x), rtol=1e-5)
+        np.testing.assert_allclose(out["output"], linear_expected(x), **ORT_TOLERANCE)
     (stats,) = engine.statistics("m")
     assert stats.inference_count == 32 and stats.success_count == 32
     assert stats.execution_count < 32 / 4  # many rows per run, not one run per request
@@ -114,7 +114,7 @@ async def test_a_corrupt_new_version_does_not_take_down_the_good_one(
                                              {"model": "m"}) == 1
     x = images(2)
     np.testing.assert_allclose((await engine.get("m").infer({"input": x}))["output"],
-                               linear_expected(x), rtol=1e-5)
+                               linear_expected(x), **ORT_TOLERANCE)
 
 
 async def test_model_control_is_refused_unless_explicit(model_repo: Path,
@@ -267,7 +267,7 @@ async def test_loading_runs_off_the_event_loop_and_shows_loading(
     await eventually(lambda: IndexEntry("b", "1", "LOADING", "") in engine.index())
     x = images(1)  # serving goes on while "b" is being built
     np.testing.assert_allclose((await engine.get("a").infer({"input": x}))["output"],
-                               linear_expected(x), rtol=1e-5)
+                               linear_expected(x), **ORT_TOLERANCE)
     with pytest.raises(ModelNotReady, match="version 1 LOADING"):
         engine.get("b")
     gate.set()

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from cnnserve.common.repository import MODEL_FILE, TensorSpec, VersionConfig
 from cnnserve.server.errors import ModelLoadError
 from cnnserve.server.runtime.ort import CUDA, RuntimeOptions, example_input, open_runtime
-from tests.support.models import config_for, linear_expected, write_test_model
+from tests.support.models import ORT_TOLERANCE, config_for, linear_expected, write_test_model
 
 HAS_CUDA = CUDA in ort.get_available_providers()
 WHERE = "model 'm' version 1"
@@ -33,7 +33,7 @@ def test_cpu_session_runs_the_graph_and_reports_its_provider(model_repo: Path) -
     x = np.random.default_rng(0).random((5, 1, 4, 4), np.float32)
     out = runtime.run({"input": x})
     assert list(out) == ["output"]
-    np.testing.assert_allclose(out["output"], linear_expected(x), rtol=1e-5)
+    np.testing.assert_allclose(out["output"], linear_expected(x), **ORT_TOLERANCE)
     runtime.close()
     with pytest.raises(RuntimeError, match="closed"):
         runtime.run({"input": x})
@@ -77,7 +77,7 @@ def test_cuda_session_runs_on_the_gpu(model_repo: Path) -> None:
     assert runtime.providers[0] == CUDA
     x = np.ones((3, 1, 4, 4), np.float32)
     np.testing.assert_allclose(runtime.run({"input": x})["output"], linear_expected(x),
-                               rtol=1e-4)
+                               **ORT_TOLERANCE)
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cnnserve.common.repository import DynamicBatching, ModelPolicy
 from cnnserve.proto import grpc_service_pb2 as pb
-from tests.support.models import linear_expected, write_test_model
+from tests.support.models import ORT_TOLERANCE, linear_expected, write_test_model
 from tests.support.wire import (
     call_error,
     eventually,
@@ -35,7 +35,8 @@ async def _traffic(rpc: Any, stop: asyncio.Event, versions: list[str]) -> None:
         seed += 1
         x = random_images(2, seed)
         reply = await rpc.ModelInfer(infer_request("linear", x))
-        np.testing.assert_allclose(output_array(reply, "output"), linear_expected(x), rtol=1e-5)
+        np.testing.assert_allclose(output_array(reply, "output"), linear_expected(x),
+                                   **ORT_TOLERANCE)
         versions.append(reply.model_version)
 
 
@@ -104,7 +105,8 @@ async def test_a_corrupt_version_leaves_the_good_one_serving(wire_server: Any,
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "version 2" in (error.details() or "")
     assert reply.model_version == "1"
-    np.testing.assert_allclose(output_array(reply, "output"), linear_expected(x), rtol=1e-5)
+    np.testing.assert_allclose(output_array(reply, "output"), linear_expected(x),
+                               **ORT_TOLERANCE)
     states = {m.version: (m.state, m.reason) for m in index.models if m.name == "linear"}
     assert states["1"] == ("READY", "")
     assert states["2"][0] == "UNAVAILABLE" and states["2"][1]

@@ -14,7 +14,7 @@ import pytest
 
 from cnnserve.common.repository import DynamicBatching, ModelPolicy
 from cnnserve.proto import grpc_service_pb2 as pb
-from tests.support.models import linear_expected, write_test_model
+from tests.support.models import ORT_TOLERANCE, linear_expected, write_test_model
 from tests.support.wire import (
     call_error,
     eventually,
@@ -194,4 +194,5 @@ async def test_concurrent_requests_get_their_own_rows_under_load(server: Any) ->
         replies = await asyncio.gather(*(rpc.ModelInfer(infer_request("linear", x))
                                          for x in inputs))
     for x, reply in zip(inputs, replies, strict=True):
-        np.testing.assert_allclose(output_array(reply, "output"), linear_expected(x), rtol=1e-5)
+        np.testing.assert_allclose(output_array(reply, "output"), linear_expected(x),
+                                   **ORT_TOLERANCE)

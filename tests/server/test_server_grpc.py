@@ -17,7 +17,7 @@ from cnnserve.common.repository import DynamicBatching, ModelPolicy
 from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.proto import model_config_pb2 as mc
 from cnnserve.server.process.settings import Settings
-from tests.support.models import double_expected, linear_expected, write_test_model
+from tests.support.models import ORT_TOLERANCE, double_expected, linear_expected, write_test_model
 from tests.support.wire import call_error, infer_request, output_array, random_images, stub
 
 
@@ -101,7 +101,8 @@ async def test_infer_returns_the_models_values_with_request_id(server: Any) -> N
     assert [(o.name, o.datatype, list(o.shape)) for o in reply.outputs] == [
         ("output", "FP32", [3, 3])]
     assert not reply.outputs[0].HasField("contents")
-    np.testing.assert_allclose(output_array(reply, "output"), linear_expected(x), rtol=1e-5)
+    np.testing.assert_allclose(output_array(reply, "output"), linear_expected(x),
+                               **ORT_TOLERANCE)
 
 
 async def test_infer_accepts_typed_contents(server: Any) -> None:
@@ -161,7 +162,8 @@ async def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(
         stats = await rpc.ModelStatistics(pb.ModelStatisticsRequest(name="linear"))
     for i, (x, reply) in enumerate(zip(inputs, replies, strict=True)):
         assert reply.id == str(i)
-        np.testing.assert_allclose(output_array(reply, "output"), linear_expected(x), rtol=1e-5)
+        np.testing.assert_allclose(output_array(reply, "output"), linear_expected(x),
+                                   **ORT_TOLERANCE)
     (model,) = stats.model_stats
     rows = sum(len(x) for x in inputs)
     assert model.inference_count == rows

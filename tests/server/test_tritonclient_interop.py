@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.support.models import linear_expected, write_test_model
+from tests.support.models import ORT_TOLERANCE, linear_expected, write_test_model
 from tests.support.wire import random_images
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
@@ -85,7 +85,7 @@ async def test_tritonclient_speaks_to_cnnserve(wire_server: Any, model_repo: Pat
     assert config["input"][0]["data_type"] == "TYPE_FP32"
     assert "dynamic_batching" in config
 
-    np.testing.assert_allclose(out["output"], linear_expected(x), rtol=1e-5)
+    np.testing.assert_allclose(out["output"], linear_expected(x), **ORT_TOLERANCE)
     assert out["id"] == "req-1"
     scores = linear_expected(x)
     labels = ("zero", "one", "two")

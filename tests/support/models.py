@@ -149,3 +149,10 @@ def write_test_model(repo: Path, name: str, version: int, *, kind: Kind = "linea
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+#: Tolerance for comparing ONNX Runtime's float32 outputs with numpy's: a relative bound alone
+#: fails near zero, where a float32 GEMM's rounding of large partial sums (the linear model's
+#: reach ~100) leaves absolute errors of ~1e-6 whatever the batch split (one fresh-clone run
+#: saw 3.7e-7 on a value of 0.0255). Use as ``assert_allclose(a, b, **ORT_TOLERANCE)``.
+ORT_TOLERANCE: dict[str, float] = {"rtol": 1e-5, "atol": 1e-4}

@@ -13,8 +13,8 @@ import torch
 from cnnserve.training.train.checkpoint import (
     Checkpoint,
     CheckpointError,
-    build_model,
     load_checkpoint,
+    restore_network,
     save_checkpoint,
 )
 from cnnserve.training.train.network import build_network
@@ -50,8 +50,8 @@ def test_round_trip_keeps_metadata_and_predictions(tmp_path: Path, ckpt: Checkpo
     assert back.metrics == {"test_accuracy": 0.75, "epochs": 2, "curve": [1, 2]}
     assert back.train_state is not None and back.train_state["epoch"] == 2
     x = torch.randn(5, 2, 8, 6)
-    original = build_model(ckpt)
-    restored = build_model(back)
+    original = restore_network(ckpt)
+    restored = restore_network(back)
     assert not restored.training
     torch.testing.assert_close(restored(x), original(x), rtol=0, atol=0)
     assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]  # no temp files left
@@ -152,6 +152,6 @@ def test_weights_that_do_not_fit_the_spec(ckpt: Checkpoint) -> None:
     wrong = dataclasses.replace(ckpt, spec="conv(5, 3, pad=1) -> bn -> relu -> maxpool(2) "
                                            "-> fc(16) -> relu -> fc(3)")
     with pytest.raises(CheckpointError, match="weights do not match"):
-        build_model(wrong)
+        restore_network(wrong)
     with pytest.raises(CheckpointError, match="architecture is invalid"):
-        build_model(dataclasses.replace(ckpt, spec="conv(4, 3) ->"))
+        restore_network(dataclasses.replace(ckpt, spec="conv(4, 3) ->"))

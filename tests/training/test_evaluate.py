@@ -13,7 +13,7 @@ import torch
 
 from cnnserve.common.data.datasets import load_split
 from cnnserve.common.repository import Normalization, TensorSpec, VersionConfig
-from cnnserve.training.train.checkpoint import Checkpoint, build_model, save_checkpoint
+from cnnserve.training.train.checkpoint import Checkpoint, restore_network, save_checkpoint
 from cnnserve.training.train.evaluate import (
     EvaluationError,
     confusion_matrix,
@@ -40,7 +40,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Checkpoint, Path]
 
 def _export(ckpt: Checkpoint, path: Path, metadata: dict[str, str]) -> Path:
     """A plain ONNX export (logits first, like cnnserve export) with ``metadata`` props."""
-    model = build_model(ckpt)
+    model = restore_network(ckpt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.zeros(2, *ckpt.input_shape),), str(path),

@@ -35,7 +35,7 @@ from cnnserve.training.export.exporter import (
     next_version,
 )
 from cnnserve.training.export.writer import STAGING_PREFIX
-from cnnserve.training.train.checkpoint import build_model, load_checkpoint, save_checkpoint
+from cnnserve.training.train.checkpoint import load_checkpoint, restore_network, save_checkpoint
 from tests.support.export import TINY_SPEC, make_checkpoint
 
 
@@ -116,7 +116,7 @@ def test_metadata_props_carry_labels_normalization_and_provenance(
 def test_onnx_matches_pytorch_values_and_argmax(exported: ExportResult, ckpt_path: Path,
                                                 batch: int) -> None:
     x, _ = _test_inputs(ckpt_path)
-    model = build_model(load_checkpoint(ckpt_path))
+    model = restore_network(load_checkpoint(ckpt_path))
     session = ort.InferenceSession(str(exported.model_path), providers=["CPUExecutionProvider"])
     for start in range(0, min(len(x), 3 * batch), batch):
         chunk = x[start:start + batch]

@@ -18,7 +18,7 @@ from cnnserve.training.export import builder as build
 from cnnserve.training.export import graph as onnx_graph
 from cnnserve.training.export.exporter import ExportError, ExportOptions, export_checkpoint
 from cnnserve.training.export.quantize import QuantizationError, convert_fp16, quantize_int8
-from cnnserve.training.train.checkpoint import build_model, load_checkpoint
+from cnnserve.training.train.checkpoint import load_checkpoint, restore_network
 from tests.support.export import make_checkpoint
 
 FAST = ExportOptions(benchmark_seconds=0.05, calibration_images=256)
@@ -45,7 +45,7 @@ def _argmax_agreement(model_path: Path, ckpt_path: Path) -> float:
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"input": x})
     with torch.inference_mode():
-        want = build_model(ckpt)(torch.from_numpy(x)).numpy()
+        want = restore_network(ckpt)(torch.from_numpy(x)).numpy()
     return float((logits.argmax(1) == want.argmax(1)).mean())
 
 

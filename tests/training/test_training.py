@@ -12,7 +12,7 @@ import torch
 from cnnserve.common.data.datasets import load_dataset
 from cnnserve.common.errors import CnnserveError
 from cnnserve.common.preprocess import channel_stats
-from cnnserve.training.train.checkpoint import CheckpointError, build_model, save_checkpoint
+from cnnserve.training.train.checkpoint import CheckpointError, restore_network, save_checkpoint
 from cnnserve.training.train.data import augment_batch, to_tensor
 from cnnserve.training.train.trainer import (
     EpochStats,
@@ -135,7 +135,7 @@ def test_checkpoint_holds_the_best_epoch_and_predicts_like_training() -> None:
     ckpt = result.checkpoint
     ds = load_dataset("digits")
     with torch.no_grad():
-        logits = build_model(ckpt)(to_tensor(ds.test.images, ckpt.mean, ckpt.std))
+        logits = restore_network(ckpt)(to_tensor(ds.test.images, ckpt.mean, ckpt.std))
     np.testing.assert_array_equal(logits.argmax(1).numpy(), result.test_predictions)
 
 

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnnserve.client.errors import InvalidInputError
+from cnnserve.common.names import LOGITS, PROBABILITIES
 from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.proto import model_config_pb2 as mc
 
 #: Output names of models exported by ``cnnserve export``.
-LOGITS = "logits"
-PROBABILITIES = "probabilities"
 
 
 @dataclass(frozen=True)

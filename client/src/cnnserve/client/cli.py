@@ -97,7 +97,7 @@ def _check_positive(**values: int) -> None:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from cnnserve.client.batch.job import BatchOptions, run_batch
+    from cnnserve.client.batch.job import BatchOptions, run_batch_job
     from cnnserve.client.batch.results import Format
 
     _check_positive(batch_size=args.batch_size, concurrency=args.concurrency,
@@ -108,7 +108,7 @@ def _batch(args: argparse.Namespace) -> int:
         version=args.model_version, batch_size=args.batch_size, concurrency=args.concurrency,
         top_k=args.top_k, timeout=args.timeout, retries=args.retries,
         progress=not args.no_progress, retry_failed=args.retry_failed, **_connection(args))
-    summary = run_batch(options)
+    summary = run_batch_job(options)
     print(summary.format(), file=sys.stderr)
     if summary.failed:
         print(f"cnnserve batch: {summary.errors + summary.earlier_errors} items failed; their "

@@ -16,12 +16,13 @@ can write what the server reads without pulling grpcio.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cnnserve.common.datatypes import DATATYPES
+from cnnserve.common.device import Device
 from cnnserve.common.errors import CnnserveError
 
 CONFIG_FILE = "config.json"
@@ -30,18 +31,37 @@ POLICY_FILE = "model.json"
 FORMAT_VERSION = 1
 PLATFORM = "onnxruntime_onnx"
 
-#: KServe v2 datatypes cnnserve understands, with their numpy dtype names.
-DATATYPES: dict[str, str] = {
-    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
-    "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
-    "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": "object",
-}
+#: The states of a model version in the repository index (Triton's names): READY serves;
+#: LOADING and UNLOADING are in transition; UNAVAILABLE failed to load or was unloaded.
+ModelState = Literal["READY", "LOADING", "UNAVAILABLE", "UNLOADING"]
+READY: ModelState = "READY"
+LOADING: ModelState = "LOADING"
+UNAVAILABLE: ModelState = "UNAVAILABLE"
+UNLOADING: ModelState = "UNLOADING"
+MODEL_STATES: tuple[ModelState, ...] = (READY, LOADING, UNAVAILABLE, UNLOADING)
 
-Device = Literal["cpu", "cuda", "auto"]
+
+
+#: A model name is one folder name of the repository: letters, digits, ``_``, ``.``, ``-``,
+#: starting with a letter or digit (so never ``.``, ``..`` or a hidden staging folder), with
+#: no path separator, at most 128 characters.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MODEL_NAME_RULE = "1-128 letters, digits, '_', '.', '-', starting with a letter or digit"
 
 
 class ConfigError(CnnserveError):
     """A config.json or model.json that is missing, unreadable or inconsistent."""
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is a valid model folder name.
+
+    The message quotes at most the first 64 characters of ``name`` and says nothing about
+    the filesystem, so it is safe to send to a client.
+    """
+    if not MODEL_NAME.fullmatch(name):
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise ConfigError(f"model name {shown!r} is not allowed: use {MODEL_NAME_RULE}")
 
 
 @dataclass(frozen=True)
@@ -256,18 +276,3 @@ def list_versions(model_dir: Path) -> list[int]:
         return []
     return sorted(int(p.name) for p in model_dir.iterdir()
                   if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

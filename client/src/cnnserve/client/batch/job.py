@@ -1,6 +1,6 @@
 """The batch-inference job: classify a whole dataset or folder through the server.
 
-``cnnserve batch`` calls :func:`run_batch`. Items are read from the input
+``cnnserve batch`` calls :func:`run_batch_job`. Items are read from the input
 (:mod:`cnnserve.client.batch.sources`), sent in requests of ``batch_size`` with ``concurrency``
 requests in flight, and written in input order to a JSONL or CSV file
 (:mod:`cnnserve.client.batch.results`). Calls retry with backoff through a server restart or
@@ -208,7 +208,7 @@ def _batch_policy(retries: int | RetryPolicy) -> RetryPolicy:
 
 
 async def run_batch_async(options: BatchOptions) -> Summary:
-    """Run the job; see :func:`run_batch`."""
+    """Run the job; see :func:`run_batch_job`."""
     _check(options)
     summary = Summary()
     async with AsyncInferenceClient(options.url, timeout=options.timeout, tls=options.tls,
@@ -234,7 +234,7 @@ async def run_batch_async(options: BatchOptions) -> Summary:
     return summary
 
 
-def run_batch(options: BatchOptions) -> Summary:
+def run_batch_job(options: BatchOptions) -> Summary:
     """Classify every item of ``options.input`` and append the results to ``options.output``.
 
     Returns the :class:`Summary`; ``summary.failed`` says whether any item has an error record.

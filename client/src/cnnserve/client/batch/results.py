@@ -13,13 +13,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
 from cnnserve.common.errors import CnnserveError
+from cnnserve.common.files import write_atomically
 
 Format = Literal["jsonl", "csv"]
 CSV_FIELDS = ("id", "label", "index", "probability", "top_k", "true_label", "error")
@@ -180,9 +180,4 @@ def format_header(fmt: Format) -> str:
 
 
 def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    write_atomically(path, text)

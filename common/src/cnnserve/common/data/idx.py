@@ -9,14 +9,13 @@ imported, so the client's batch job can read IDX images without torch.
 from __future__ import annotations
 
 import gzip
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from cnnserve.common.errors import CnnserveError
+from cnnserve.common.files import write_atomically
 
 #: IDX type code -> big-endian numpy dtype.
 _DTYPES: dict[int, str] = {
@@ -89,12 +88,4 @@ def write_idx(path: Path | str, array: np.ndarray) -> None:
                + arr.astype(_DTYPES[code]).tobytes())
     if path.name.endswith(".gz"):
         payload = gzip.compress(payload, mtime=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, payload, durable=False)

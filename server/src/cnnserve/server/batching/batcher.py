@@ -12,7 +12,7 @@ it and form the next batch, which is what makes batching adaptive under load eve
 delay of 0, while a queue holding full batches (large requests, overload) keeps every
 worker busy.
 
-Per batch there is exactly one thread hop (:func:`run_batch`, which concatenates, runs and
+Per batch there is exactly one thread hop (:func:`run_merged`, which concatenates, runs and
 splits in the worker, handed over by :func:`~cnnserve.server.batching.handoff.call_in_thread`), and
 its outcome comes back as one plain callback on the loop. Per request the loop does as
 little as it can: no timer (one timer covers the earliest deadline in the queue), no
@@ -29,8 +29,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 
+from cnnserve.common.datatypes import Array
 from cnnserve.server.batching.handoff import call_in_thread
 from cnnserve.server.batching.queue import BatchPolicy, QueuedRequest, RequestQueue, Result
+from cnnserve.server.batching.rows import Runner, run_merged
 from cnnserve.server.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -40,7 +42,6 @@ from cnnserve.server.errors import (
     ServerShuttingDown,
     ServingError,
 )
-from cnnserve.server.runtime.ort import Array, Runner, run_batch
 from cnnserve.server.telemetry.metrics import VersionMetrics
 from cnnserve.server.telemetry.statistics import BatchTimings, StatsRecorder
 
@@ -244,7 +245,7 @@ class Batcher:
         batch_id = self._batch_ids = self._batch_ids + 1
         self._running[batch_id] = live
         try:
-            call_in_thread(self._executor, run_batch,
+            call_in_thread(self._executor, run_merged,
                            (self._runner, [r.inputs for r in live], [r.rows for r in live],
                             [r.outputs for r in live]),
                            functools.partial(self._finish, batch_id))

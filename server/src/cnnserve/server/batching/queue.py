@@ -17,8 +17,8 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from cnnserve.common.datatypes import Array
 from cnnserve.server.errors import DeadlineExceeded
-from cnnserve.server.runtime.ort import Array
 
 Result = dict[str, Array]
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cnnserve.common.datatypes import Array
 from cnnserve.common.errors import CnnserveError
 from cnnserve.common.repository import (
     CONFIG_FILE,
@@ -31,7 +32,7 @@ from cnnserve.server.batching.batcher import Batcher, BatchPolicy
 from cnnserve.server.engine.repository import IndexEntry, Repository
 from cnnserve.server.engine.scan import read_policy
 from cnnserve.server.errors import ModelLoadError, ServerShuttingDown, ServingError, Unsupported
-from cnnserve.server.runtime.ort import Array, OrtRuntime, RuntimeOptions, open_runtime
+from cnnserve.server.runtime.ort import OrtRuntime, RuntimeOptions, open_runtime
 from cnnserve.server.telemetry.metrics import Metrics
 from cnnserve.server.telemetry.statistics import BatchStats, StatsRecorder, VersionStats
 

@@ -19,14 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from cnnserve.common.repository import POLICY_FILE, ModelPolicy
+from cnnserve.common.repository import (
+    LOADING,
+    POLICY_FILE,
+    READY,
+    UNAVAILABLE,
+    UNLOADING,
+    ModelPolicy,
+    ModelState,
+)
 from cnnserve.server.engine.scan import ModelScan, scan_model, scan_repository, select_versions
 from cnnserve.server.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from cnnserve.server.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-READY, LOADING, UNAVAILABLE, UNLOADING = "READY", "LOADING", "UNAVAILABLE", "UNLOADING"
 
 T = TypeVar("T")
 
@@ -49,13 +56,13 @@ class IndexEntry:
 
     name: str
     version: str
-    state: str  # READY | UNAVAILABLE | LOADING | UNLOADING
+    state: ModelState
     reason: str  # why not ready; "" when READY
 
 
 @dataclass
 class _Version(Generic[S]):
-    state: str = UNAVAILABLE
+    state: ModelState = UNAVAILABLE
     reason: str = ""
     servable: S | None = None
     loaded: object = None  # fingerprint the servable was built from
@@ -213,7 +220,7 @@ class Repository(Generic[S]):
             with contextlib.suppress(ModelLoadError, ModelNotFound):  # logged, in the index
                 await self.load(name, force=False)
 
-    def _set(self, model: _Model[S], v: int, state: str, reason: str) -> None:
+    def _set(self, model: _Model[S], v: int, state: ModelState, reason: str) -> None:
         rec = model.versions.setdefault(v, _Version())
         rec.state, rec.reason = state, reason
         self._metrics.set_model_state(model.name, v, state)

@@ -14,31 +14,22 @@ datatype).
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from math import prod
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from cnnserve.common.repository import DATATYPES
+from cnnserve.common.datatypes import (
+    CONTENTS_FIELD,
+    DATATYPES,
+    NUMPY_DTYPES,
+    BytesCodecError,
+    decode_bytes,
+    encode_bytes,
+)
 from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.server.errors import InvalidRequest
-
-_LENGTH = struct.Struct("<I")
-
-#: numpy dtype of each fixed-size datatype (explicitly little-endian, as on the wire).
-_DTYPES: dict[str, np.dtype[Any]] = {
-    name: np.dtype(numpy_name).newbyteorder("<")
-    for name, numpy_name in DATATYPES.items() if name != "BYTES"}
-
-#: The typed ``InferTensorContents`` field of each datatype (FP16 has none: raw only).
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
-    "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
-    "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
-    "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
-}
 
 
 class InputTensor(NamedTuple):
@@ -106,7 +97,7 @@ def _from_raw(model: str, name: str, datatype: str, shape: tuple[int, ...],
     count = prod(shape)
     if datatype == "BYTES":
         return _split_bytes(model, name, data, count).reshape(shape)
-    dtype = _DTYPES[datatype]
+    dtype = NUMPY_DTYPES[datatype]
     expected = count * dtype.itemsize
     if len(data) != expected:
         raise InvalidRequest(
@@ -116,31 +107,16 @@ def _from_raw(model: str, name: str, datatype: str, shape: tuple[int, ...],
 
 
 def _split_bytes(model: str, name: str, data: bytes, count: int) -> np.ndarray[Any, Any]:
-    items: list[bytes] = []
-    offset = 0
-    while offset < len(data):
-        if offset + 4 > len(data):
-            raise InvalidRequest(f"model '{model}' input '{name}': BYTES element {len(items)} "
-                                 "is cut off inside its 4-byte length prefix")
-        (length,) = _LENGTH.unpack_from(data, offset)
-        offset += 4
-        if offset + length > len(data):
-            raise InvalidRequest(f"model '{model}' input '{name}': BYTES element {len(items)} "
-                                 f"declares {length} bytes, only {len(data) - offset} remain")
-        items.append(data[offset:offset + length])
-        offset += length
-    if len(items) != count:
-        raise InvalidRequest(f"model '{model}' input '{name}': raw_input_contents holds "
-                             f"{len(items)} BYTES elements, shape needs {count}")
-    array = np.empty(count, dtype=object)
-    array[:] = items
-    return array
+    try:
+        return decode_bytes(data, count, "raw_input_contents")
+    except BytesCodecError as exc:
+        raise InvalidRequest(f"model '{model}' input '{name}': {exc}") from None
 
 
 def _from_contents(model: str, tensor: pb.ModelInferRequest.InferInputTensor,
                    shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
     name, datatype = tensor.name, tensor.datatype
-    field = _CONTENTS_FIELD.get(datatype)
+    field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidRequest(f"model '{model}' input '{name}': {datatype} has no typed "
                              "contents field; send it in raw_input_contents")
@@ -157,7 +133,7 @@ def _from_contents(model: str, tensor: pb.ModelInferRequest.InferInputTensor,
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array.reshape(shape)
-    dtype = _DTYPES[datatype]
+    dtype = NUMPY_DTYPES[datatype]
     if dtype.kind in "iu" and count:
         # int_contents/uint_contents are 32-bit on the wire; narrower types must fit.
         wide = np.asarray(values, dtype=np.int64 if dtype.kind == "i" else np.uint64)
@@ -190,23 +166,9 @@ def encode_outputs(response: pb.ModelInferResponse, outputs: Sequence[OutputTens
 def to_raw(datatype: str, data: np.ndarray[Any, Any]) -> bytes:
     """Serialise ``data`` the way raw contents carry ``datatype`` (row-major, little-endian)."""
     if datatype == "BYTES":
-        parts = []
-        for item in data.reshape(-1):
-            value = item if isinstance(item, bytes) else str(item).encode("utf-8")
-            parts.append(_LENGTH.pack(len(value)))
-            parts.append(value)
-        return b"".join(parts)
-    return np.ascontiguousarray(data, dtype=_DTYPES[datatype]).tobytes()
-
-
-def datatype_of(array: np.ndarray[Any, Any]) -> str:
-    """The protocol datatype of a numpy array; raises ValueError for one the protocol lacks."""
-    if array.dtype == object:
-        return "BYTES"
-    for name, dtype in _DTYPES.items():
-        if array.dtype == dtype:
-            return name
-    raise ValueError(f"numpy dtype {array.dtype} has no protocol datatype")
+        return encode_bytes(item if isinstance(item, bytes) else str(item)
+                            for item in data.reshape(-1))
+    return np.ascontiguousarray(data, dtype=NUMPY_DTYPES[datatype]).tobytes()
 
 
 def format_shape(shape: Sequence[int]) -> str:

@@ -81,7 +81,7 @@ def _mapped(behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaita
         try:
             return await behavior(request, context)
         except ServingError as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(grpc_status(exc), str(exc))
         except grpc.aio.AbortError:
             raise  # the handler chose its own status
         except Exception:
@@ -121,7 +121,7 @@ class TokenAuth(Interceptor):
 def _refusal(handler: Handler) -> Handler:
     """A handler of the same streaming kind as ``handler`` that answers UNAUTHENTICATED."""
     async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(Unauthenticated.code,
+        await context.abort(grpc_status(Unauthenticated()),
                             "missing or invalid bearer token: send metadata "
                             "'authorization: Bearer <token>'")
 
@@ -134,3 +134,8 @@ def _refusal(handler: Handler) -> Handler:
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(refuse, **serde)
     return grpc.unary_unary_rpc_method_handler(refuse, **serde)
+
+
+def grpc_status(error: ServingError) -> grpc.StatusCode:
+    """The gRPC status code of a domain error (the engine's statuses carry gRPC's names)."""
+    return grpc.StatusCode[error.code.value]

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cnnserve.common.errors import CnnserveError
-from cnnserve.common.repository import write_atomically
+from cnnserve.common.files import write_atomically
 from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.proto import grpc_service_pb2_grpc as pb_grpc
 from cnnserve.server.grpc.health import ModelHealth
@@ -131,11 +131,11 @@ def engine_options(settings: Settings) -> EngineOptions:
 
     return EngineOptions(
         repository=settings.repository, models=settings.models,
-        control_mode=settings.control_mode,  # type: ignore[arg-type]  # checked by Settings
+        control_mode=settings.control_mode,
         poll_interval_s=settings.poll_interval_s,
-        device=settings.device,  # type: ignore[arg-type]
+        device=settings.device,
         intra_op_threads=settings.intra_op_threads, inter_op_threads=settings.inter_op_threads,
-        graph_optimization=settings.graph_optimization,  # type: ignore[arg-type]
+        graph_optimization=settings.graph_optimization,
         warmup=settings.warmup, execution_workers=settings.execution_workers,
         max_queue_delay_us=settings.max_queue_delay_us, max_queue_size=settings.max_queue_size)
 

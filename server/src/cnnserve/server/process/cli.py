@@ -21,6 +21,7 @@ refused, queued and in-flight requests finish within --grace-period, then it exi
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add the ``serve`` subcommand to the ``cnnserve`` parser."""
+    from cnnserve.common import options  # standard library only
     from cnnserve.server.process import settings  # standard library only
 
     parser = sub.add_parser(
@@ -28,22 +29,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Each flag's environment variable is shown as [env NAME]; flags win over "
                "variables.")
-    for field in settings.fields():
-        flag, env = settings.flag_of(field.name), settings.env_of(field.name)
-        help_text = f"{field.metadata['help']} [env {env}]"
-        options: dict[str, Any] = {"dest": field.name, "default": None, "help": help_text}
-        if field.type == "bool":
-            options["action"] = argparse.BooleanOptionalAction
-        else:
-            options["type"] = settings.parser_of(field)
-            options["metavar"] = field.name.upper().removesuffix("S") if field.metadata[
-                "repeat"] else field.name.upper()
-            if field.metadata["choices"]:
-                options["choices"] = field.metadata["choices"]
-                options.pop("metavar")
-            if field.metadata["repeat"]:
-                options["action"] = "append"
-        parser.add_argument(flag, **options)
+    options.add_flags(parser, settings.Settings, env_prefix=settings.ENV_PREFIX)
     parser.set_defaults(handler=_serve)
 
 

@@ -9,24 +9,21 @@ config.json, or when CUDA was explicitly asked for but is not what the session r
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
-import numpy.typing as npt
 import onnxruntime as ort
 
-from cnnserve.common.repository import DATATYPES, TensorSpec, VersionConfig
+from cnnserve.common.datatypes import NUMPY_DTYPES, ONNX_TYPES, Array
+from cnnserve.common.device import Device
+from cnnserve.common.repository import TensorSpec, VersionConfig
 from cnnserve.server.errors import ModelLoadError
-from cnnserve.server.telemetry.statistics import BatchTimings
 
 log = logging.getLogger(__name__)
 
-Array = npt.NDArray[Any]
-Device = Literal["cpu", "cuda", "auto"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
 CPU = "CPUExecutionProvider"
@@ -38,24 +35,6 @@ _OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-
-#: ONNX Runtime's type strings -> KServe datatypes.
-_ORT_TYPES = {
-    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
-
-
-class Runner(Protocol):
-    """What the batcher needs from a model: run one batch, all outputs, same row count."""
-
-    def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
-        """Blocking; called from a worker thread. Raises whatever the backend raises."""
-        ...
-
 
 @dataclass(frozen=True)
 class RuntimeOptions:
@@ -87,37 +66,6 @@ class OrtRuntime:
     def close(self) -> None:
         """Drop the session (ORT frees it once no running batch holds it)."""
         self._session = None
-
-
-def run_batch(runner: Runner, inputs: Sequence[Mapping[str, Array]], rows: Sequence[int],
-              outputs: Sequence[Sequence[str]]) -> tuple[list[dict[str, Array]], BatchTimings]:
-    """Run several requests as one batch (blocking; the batcher calls it in a worker thread).
-
-    ``inputs[i]`` holds request i's tensors with ``rows[i]`` rows; ``outputs[i]`` names the
-    outputs it wants (empty: all). Inputs are concatenated once (a lone request is passed as
-    it is, without a copy); outputs come back as views into the batch's arrays. Raises
-    whatever the runner raises, or RuntimeError if an output's row count is not the batch's.
-    """
-    t0 = time.perf_counter_ns()
-    if len(inputs) == 1:
-        feeds = inputs[0]
-    else:
-        feeds = {name: np.concatenate([x[name] for x in inputs]) for name in inputs[0]}
-    total = sum(rows)
-    t1 = time.perf_counter_ns()
-    results = runner.run(feeds)
-    t2 = time.perf_counter_ns()
-    for name, value in results.items():
-        got = value.shape[0] if value.ndim else 0
-        if got != total:
-            raise RuntimeError(f"output '{name}' has {got} rows but the batch had {total}")
-    split: list[dict[str, Array]] = []
-    offset = 0
-    for n, wanted in zip(rows, outputs, strict=True):
-        split.append({k: results[k][offset:offset + n] if len(rows) > 1 else results[k]
-                      for k in (wanted or results)})
-        offset += n
-    return split, BatchTimings(t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
 
 
 def select_providers(device: Device, where: str) -> list[str]:
@@ -196,7 +144,7 @@ def _compare(kind: str, actual: Sequence[Any], expected: Sequence[TensorSpec]) -
         node = graph.get(spec.name)
         if node is None:
             continue
-        dtype = _ORT_TYPES.get(node.type, node.type)
+        dtype = ONNX_TYPES.get(node.type, node.type)
         if dtype != spec.datatype:
             problems.append(f"{kind} '{spec.name}' is {dtype} in the graph, "
                             f"{spec.datatype} in config.json")
@@ -210,7 +158,7 @@ def _compare(kind: str, actual: Sequence[Any], expected: Sequence[TensorSpec]) -
     return problems
 
 
-def warm_up(runtime: Runner, config: VersionConfig, where: str) -> None:
+def warm_up(runtime: OrtRuntime, config: VersionConfig, where: str) -> None:
     """Run one batch of zeros so the first real request pays no first-run cost.
 
     Also proves the graph actually executes; raises ModelLoadError if it does not.
@@ -232,4 +180,4 @@ def example_input(spec: TensorSpec, rows: int) -> Array:
     shape = (rows, *(d if d > 0 else 1 for d in spec.shape[1:]))
     if spec.datatype == "BYTES":
         return np.full(shape, "", dtype=object)
-    return np.zeros(shape, dtype=DATATYPES[spec.datatype])
+    return np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])

@@ -15,10 +15,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from cnnserve.common.repository import MODEL_STATES
 from cnnserve.server.telemetry.loop_metrics import LoopCollector, LoopCounter, LoopHistogram
 
 UNKNOWN_MODEL = "_unknown_"
-MODEL_STATES = ("READY", "LOADING", "UNAVAILABLE", "UNLOADING")
 
 #: Latency buckets in seconds, 50 us to 10 s: sub-millisecond resolution where a CPU
 #: serving path lives, plus a tail for overloaded or slow models.

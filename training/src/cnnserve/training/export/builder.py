@@ -21,12 +21,11 @@ import torch
 
 from cnnserve.common.data.sources import sha256_file
 from cnnserve.common.errors import CnnserveError
+from cnnserve.common.names import INPUT, OUTPUTS
 from cnnserve.common.preprocess import normalize
 from cnnserve.common.repository import MODEL_FILE, Normalization, TensorSpec, VersionConfig
 from cnnserve.training.export import verify
 from cnnserve.training.export.graph import (
-    INPUT,
-    OUTPUTS,
     GraphError,
     export_onnx,
     stamp_metadata,
@@ -90,10 +89,10 @@ class VersionBuilder:
         dataset's own error) when the verification images are unavailable or mis-shaped.
         """
         from cnnserve.common.data.datasets import DatasetError, load_split
-        from cnnserve.training.train.checkpoint import build_model, load_checkpoint
+        from cnnserve.training.train.checkpoint import load_checkpoint, restore_network
 
         ckpt = load_checkpoint(checkpoint_path)
-        model = build_model(ckpt)
+        model = restore_network(ckpt)
         dataset = options.verify_dataset or ckpt.dataset
         try:
             test = load_split(dataset, "test")

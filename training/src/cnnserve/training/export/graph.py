@@ -22,11 +22,10 @@ import onnx
 import torch
 
 from cnnserve.common.errors import CnnserveError
+from cnnserve.common.names import INPUT, OUTPUTS
 
 log = logging.getLogger(__name__)
 
-INPUT = "input"
-OUTPUTS = ("logits", "probabilities")
 BATCH_DIM = "batch"
 #: Loggers whose progress chatter (opset conversion notes, missing torchvision) is dropped.
 _CHATTY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")

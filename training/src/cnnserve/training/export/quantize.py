@@ -26,10 +26,10 @@ import numpy.typing as npt
 import onnx
 
 from cnnserve.common.errors import CnnserveError
+from cnnserve.common.names import INPUT
 
 log = logging.getLogger(__name__)
 
-INPUT = "input"
 #: Op types whose outputs stay float in the INT8 graph (the logits come out of Gemm).
 _FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
 _FLOAT_OPS = ("Softmax",)

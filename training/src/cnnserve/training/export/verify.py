@@ -18,12 +18,11 @@ import numpy.typing as npt
 import onnxruntime as ort
 import torch
 
+from cnnserve.common.names import INPUT, LOGITS, PROBABILITIES
+
 Array = npt.NDArray[np.float32]
 
 #: Output names of every exported model, in graph order.
-LOGITS = "logits"
-PROBABILITIES = "probabilities"
-INPUT = "input"
 
 
 @dataclass(frozen=True)

@@ -12,23 +12,17 @@ import contextlib
 import ctypes
 import json
 import os
-import re
 import shutil
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
+from cnnserve.common import repository
 from cnnserve.common.errors import CnnserveError
-from cnnserve.common.repository import (
-    POLICY_FILE,
-    ModelPolicy,
-    list_versions,
-    write_atomically,
-)
+from cnnserve.common.files import fsync_dir, fsync_tree, make_staging_dir, write_atomically
+from cnnserve.common.repository import POLICY_FILE, ModelPolicy, list_versions
 
 STAGING_PREFIX = ".tmp-export-"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class RepositoryWriteError(CnnserveError):
@@ -36,15 +30,15 @@ class RepositoryWriteError(CnnserveError):
 
 
 def check_model_name(name: str) -> None:
-    """Raise :class:`RepositoryWriteError` unless ``name`` is a safe folder name.
+    """Raise :class:`RepositoryWriteError` unless ``name`` is a valid model folder name.
 
-    Allowed: letters, digits, ``_``, ``.``, ``-``; first character a letter or digit (a
-    leading dot would hide the model from the server); at most 128 characters.
+    The rule is the repository contract's (:func:`cnnserve.common.repository.check_model_name`),
+    the same one the server applies to every name a client sends.
     """
-    if not _NAME.fullmatch(name):
-        raise RepositoryWriteError(
-            f"model name {name!r} is not allowed: use 1-128 letters, digits, '_', '.', '-', "
-            "starting with a letter or digit")
+    try:
+        repository.check_model_name(name)
+    except repository.ConfigError as exc:
+        raise RepositoryWriteError(str(exc)) from None
 
 
 def next_version(model_dir: Path) -> int:
@@ -54,8 +48,7 @@ def next_version(model_dir: Path) -> int:
 
 def stage(model_dir: Path) -> Path:
     """Create and return an empty staging folder inside ``model_dir`` (created if needed)."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir))
+    return make_staging_dir(model_dir, STAGING_PREFIX)
 
 
 def publish(staging: Path, model_dir: Path, version: int, *, force: bool) -> Path:
@@ -65,7 +58,7 @@ def publish(staging: Path, model_dir: Path, version: int, *, force: bool) -> Pat
     :class:`RepositoryWriteError` when the version exists without ``force``, including one
     that another export created meanwhile.
     """
-    _fsync_tree(staging)
+    fsync_tree(staging)
     target = model_dir / str(version)
     if target.exists():
         if not force:
@@ -81,7 +74,7 @@ def publish(staging: Path, model_dir: Path, version: int, *, force: bool) -> Pat
             raise RepositoryWriteError(f"version {version} of model '{model_dir.name}' was "
                                        f"created by someone else meanwhile ({exc.strerror}); "
                                        "export again") from exc
-    _fsync_dir(model_dir)
+    fsync_dir(model_dir)
     return target
 
 
@@ -140,23 +133,3 @@ def discard(staging: Path, model_dir: Path, *, created_model_dir: bool) -> None:
     if created_model_dir:
         with contextlib.suppress(OSError):  # rmdir only removes it while empty
             model_dir.rmdir()
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # A rename is durable only once the directory holding it is flushed.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

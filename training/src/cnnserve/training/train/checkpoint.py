@@ -166,7 +166,7 @@ def _tensors(value: Any) -> dict[str, torch.Tensor]:
     return dict(value)
 
 
-def build_model(ckpt: Checkpoint) -> torch.nn.Module:
+def restore_network(ckpt: Checkpoint) -> torch.nn.Module:
     """Rebuild the network from ``ckpt.spec``, load its weights, and put it in eval() mode.
 
     Raises :class:`CheckpointError` if the spec no longer parses or the weights do not fit it.

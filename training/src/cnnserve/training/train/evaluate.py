@@ -18,7 +18,7 @@ import numpy as np
 
 from cnnserve.common.errors import CnnserveError
 from cnnserve.common.preprocess import normalize
-from cnnserve.training.train.checkpoint import Checkpoint, build_model, load_checkpoint
+from cnnserve.training.train.checkpoint import Checkpoint, load_checkpoint, restore_network
 
 
 class EvaluationError(CnnserveError):
@@ -81,7 +81,7 @@ def evaluate_checkpoint(ckpt: Checkpoint | Path, images_u8: np.ndarray,
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
     _check_shape(images_u8, ckpt.input_shape, "checkpoint")
-    model = build_model(ckpt)
+    model = restore_network(ckpt)
     with torch.no_grad():
         logits = predict_logits(model, to_tensor(images_u8, ckpt.mean, ckpt.std), batch_size)
     return logits.argmax(dim=1).numpy().astype(np.int64)

@@ -1,0 +1,188 @@
+"""Command options as frozen dataclasses that generate their own flags, help and variables.
+
+Every command (``serve``, ``train``, ``evaluate``, ``export``, ``batch``, ``classify``) has one
+options class; each field says its help text (with unit and default), and this module turns
+the fields into argparse flags and builds the value from parsed flags over environment
+variables over defaults. Adding an option is adding one field. The flag's type comes from the
+field's annotation: ``int``, ``float``, ``str``, ``Path``, ``bool`` (``--x/--no-x``), a
+``Literal`` (its values are the choices), ``X | None`` (not given = None) and ``tuple[X, ...]``
+(a repeated flag; in a variable, comma-separated). Standard library only, so a part's CLI can
+describe its flags without importing the part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from cnnserve.common.errors import CnnserveError
+
+T = TypeVar("T")
+
+_MISSING: Any = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, help: str = "", *, flag: str = "",
+           positional: bool = False, metavar: str = "", env: bool = True,
+           default_factory: Any = _MISSING, repr: bool = True) -> Any:
+    """A dataclass field that is also a command-line option.
+
+    ``flag`` overrides the flag derived from the field name (``grpc_port`` -> ``--grpc-port``);
+    ``positional`` makes it an argument (required unless it has a default); ``env`` False
+    keeps it out of the environment (secrets on the command line are worse, paths of one run
+    are no setting). ``help`` should end with the default and give units.
+    """
+    metadata = {"help": help, "flag": flag, "positional": positional, "metavar": metavar,
+                "env": env}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata, repr=repr)
+    return dataclasses.field(default=default, metadata=metadata, repr=repr)
+
+
+def option_fields(cls: type) -> Iterator[dataclasses.Field[Any]]:
+    """The option fields of ``cls``, in declaration order."""
+    yield from (f for f in dataclasses.fields(cls) if "help" in f.metadata)
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The flag of field ``name``, e.g. ``--grpc-port`` (the name itself when positional)."""
+    f = cls.__dataclass_fields__[name]  # type: ignore[attr-defined]
+    if f.metadata.get("positional"):
+        return name
+    return str(f.metadata.get("flag") or "--" + name.replace("_", "-"))
+
+
+def env_of(cls: type, name: str, prefix: str) -> str:
+    """The environment variable of field ``name``, e.g. ``CNNSERVE_GRPC_PORT``.
+
+    A repeated option's variable takes a plural ``S`` (``--model`` -> ``CNNSERVE_MODELS``).
+    """
+    kind = _kind(cls, name)
+    return prefix + flag_of(cls, name).lstrip("-").replace("-", "_").upper() + (
+        "S" if kind.repeat else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    """What the annotation of one field means for its flag."""
+
+    parse: Callable[[str], Any]
+    choices: tuple[Any, ...]
+    repeat: bool
+    boolean: bool
+    optional: bool
+
+
+def _kind(cls: type, name: str) -> _Kind:
+    hint = typing.get_type_hints(cls)[name]
+    optional = False
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        optional = len(args) < len(get_args(hint))
+        hint = args[0]
+    repeat = get_origin(hint) is tuple
+    if repeat:
+        hint = get_args(hint)[0]
+    choices: tuple[Any, ...] = ()
+    if get_origin(hint) is Literal:
+        choices = get_args(hint)
+        hint = type(choices[0])
+    parsers: dict[Any, Callable[[str], Any]] = {Path: Path, int: int, float: float,
+                                                bool: parse_bool}
+    parse = parsers.get(hint, str)
+    return _Kind(parse, choices, repeat, hint is bool and not repeat, optional)
+
+
+def parser_of(cls: type, name: str) -> Callable[[str], Any]:
+    """How one value of field ``name`` is parsed from text (a flag argument or a variable)."""
+    return _kind(cls, name).parse
+
+
+def choices_of(cls: type, name: str) -> tuple[Any, ...]:
+    """The values field ``name`` allows (a ``Literal`` annotation's), or () for any."""
+    return _kind(cls, name).choices
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str = "") -> None:
+    """Add one flag (or positional argument) per option field of ``cls`` to ``parser``.
+
+    Flags default to None ("not given") so :func:`build_options` can tell a flag from a
+    variable from a default. With ``env_prefix``, each help text names its variable.
+    """
+    for f in option_fields(cls):
+        kind = _kind(cls, f.name)
+        help_text = f.metadata["help"]
+        if env_prefix and f.metadata["env"]:
+            help_text += f" [env {env_of(cls, f.name, env_prefix)}]"
+        if f.metadata["positional"]:
+            positional: dict[str, Any] = {
+                "type": kind.parse, "help": help_text,
+                "metavar": f.metadata["metavar"] or f.name.upper()}
+            if kind.repeat:
+                positional["nargs"] = "+"
+            elif f.default is not _MISSING:
+                positional.update(nargs="?", default=None)
+            parser.add_argument(f.name, **positional)
+            continue
+        options: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if kind.boolean:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = kind.parse
+            if kind.choices:
+                options["choices"] = kind.choices
+            else:
+                options["metavar"] = f.metadata["metavar"] or (
+                    f.name.upper().removesuffix("S") if kind.repeat else f.name.upper())
+            if kind.repeat:
+                options["action"] = "append"
+        parser.add_argument(flag_of(cls, f.name), **options)
+
+
+def build_options(cls: type[T], flags: Mapping[str, Any], environ: Mapping[str, str] = {},
+                  *, env_prefix: str = "", **fixed: Any) -> T:
+    """An instance of ``cls`` from parsed flags (None = not given) over variables over defaults.
+
+    ``fixed`` sets fields that are no options (or overrides). Raises
+    :class:`~cnnserve.common.errors.CnnserveError` naming the variable for a value that
+    does not parse or is not one of the choices; the class's own checks raise theirs.
+    """
+    values: dict[str, Any] = {}
+    for f in option_fields(cls):
+        kind = _kind(cls, f.name)
+        given = flags.get(f.name)
+        if given is not None:
+            values[f.name] = tuple(given) if kind.repeat else given
+        elif env_prefix and f.metadata["env"] and env_of(cls, f.name, env_prefix) in environ:
+            name = env_of(cls, f.name, env_prefix)
+            values[f.name] = _parse_env(kind, name, environ[name])
+    values.update(fixed)
+    return cls(**values)
+
+
+def _parse_env(kind: _Kind, name: str, text: str) -> Any:
+    try:
+        if kind.repeat:
+            return tuple(kind.parse(p.strip()) for p in text.split(",") if p.strip())
+        value = kind.parse(text)
+    except ValueError as exc:
+        raise CnnserveError(f"{name}={text!r}: {exc}") from exc
+    if kind.choices and value not in kind.choices:
+        raise CnnserveError(f"{name}={text!r}: must be one of "
+                            f"{', '.join(map(str, kind.choices))}")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    """``1/0``, ``true/false``, ``yes/no``, ``on/off`` (any case); raises ValueError else."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
