@@ -1,0 +1,56 @@
+"""ONNX Runtime called in-process: the throughput a server adds its overhead to.
+
+    python benchmarks/ort_inprocess.py MODEL.onnx --batch 8 --threads 1 --seconds 3
+
+Calls ``session.run`` back to back on one random batch for ``--seconds`` (after a short
+warm-up) with ``--threads`` intra-op threads, and prints one JSON object: samples/s, the
+process's CPU µs per run, and the runs measured. The server benchmark runs it as a
+subprocess so that each setting gets a fresh process and the benchmark's own threads stay
+out of the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def measure(model: Path, batch: int, threads: int, seconds: float) -> dict[str, float]:
+    """Samples/s, CPU µs per ``session.run`` and the number of runs over ``seconds``."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    spec = session.get_inputs()[0]
+    shape = [batch, *(int(d) for d in spec.shape[1:])]
+    feed = {spec.name: np.random.default_rng(0).random(shape, dtype=np.float32)}
+    for _ in range(3):
+        session.run(None, feed)
+    runs = 0
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    stop = t0 + seconds
+    while time.perf_counter() < stop:
+        session.run(None, feed)
+        runs += 1
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"samples_per_s": runs * batch / elapsed, "cpu_us_per_request": 1e6 * cpu / runs,
+            "runs": runs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--batch", type=int, default=1, help="rows per session.run")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.model, args.batch, args.threads, args.seconds)))
+
+
+if __name__ == "__main__":
+    main()
