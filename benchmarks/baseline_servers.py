@@ -187,10 +187,9 @@ async def serve(kind: str, port: int, model: str) -> None:
     """Serve ``model`` on 127.0.0.1:``port`` with the ``kind`` reference servicer, forever."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20),
                                       ("grpc.max_send_message_length", 256 << 20)])
-    servicer = {"constant": lambda: ConstantServicer(_session(model)),
-                "naive": lambda: NaiveServicer(_session(model)),
-                "batched": lambda: BatchedServicer(_session(model, intra_op_threads=1)),
-                }[kind]()
+    servicer = (BatchedServicer(_session(model, intra_op_threads=1)) if kind == "batched"
+                else NaiveServicer(_session(model)) if kind == "naive"
+                else ConstantServicer(_session(model)))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

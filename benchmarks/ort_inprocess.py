@@ -3,10 +3,10 @@
     python benchmarks/ort_inprocess.py MODEL.onnx --batch 8 --threads 1 --seconds 3
 
 Calls ``session.run`` back to back on one random batch for ``--seconds`` (after a short
-warm-up) with ``--threads`` intra-op threads, and prints one JSON object: samples/s, the
-process's CPU µs per run, and the runs measured. The server benchmark runs it as a
-subprocess so that each setting gets a fresh process and the benchmark's own threads stay
-out of the way.
+warm-up) with ``--threads`` intra-op threads, and prints one JSON object: samples/s, p50 and
+p99 latency of a run (ms), the process's CPU µs per run, and the runs measured. The server
+benchmark runs it as a subprocess so that each setting gets a fresh process and the
+benchmark's own threads stay out of the way.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 
 def measure(model: Path, batch: int, threads: int, seconds: float) -> dict[str, float]:
-    """Samples/s, CPU µs per ``session.run`` and the number of runs over ``seconds``."""
+    """Samples/s, p50/p99 ms and CPU µs of ``session.run``, and the runs, over ``seconds``."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
@@ -30,15 +30,17 @@ def measure(model: Path, batch: int, threads: int, seconds: float) -> dict[str, 
     feed = {spec.name: np.random.default_rng(0).random(shape, dtype=np.float32)}
     for _ in range(3):
         session.run(None, feed)
-    runs = 0
+    latencies: list[float] = []
     cpu0, t0 = time.process_time(), time.perf_counter()
     stop = t0 + seconds
-    while time.perf_counter() < stop:
+    while (started := time.perf_counter()) < stop:
         session.run(None, feed)
-        runs += 1
+        latencies.append(time.perf_counter() - started)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return {"samples_per_s": runs * batch / elapsed, "cpu_us_per_request": 1e6 * cpu / runs,
-            "runs": runs}
+    p50, p99 = np.percentile(latencies, [50, 99]) * 1000
+    return {"samples_per_s": len(latencies) * batch / elapsed,
+            "p50_ms": float(p50), "p99_ms": float(p99),
+            "cpu_us_per_request": 1e6 * cpu / len(latencies), "runs": len(latencies)}
 
 
 def main() -> None:
