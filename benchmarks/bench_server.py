@@ -52,6 +52,7 @@ REFERENCE_NAMES = {"constant": CONSTANT, "naive": NAIVE, "batched": FLOOR}
 
 
 def label(batch: int, concurrency: int) -> str:
+    """A point's name: ``b16c4`` is batch 16 at concurrency 4."""
     return f"b{batch}c{concurrency}"
 
 
@@ -69,6 +70,8 @@ class Phase:
 
 @dataclass(frozen=True)
 class Settings:
+    """How every point is measured, and the folder for logs and perf_analyzer reports."""
+
     perf_analyzer: Path
     window: Window
     repeat: int
@@ -103,19 +106,16 @@ def measure_server(server: Server, model: BenchModel, batch: int, concurrency: i
 
 def measure_in_process(model: BenchModel, batch: int, seconds: float) -> Sample:
     """In-process ONNX Runtime at ``batch``: the better of 1 and 2 intra-op threads."""
-    best: Sample | None = None
+    samples = []
     for threads in (1, 2):
         done = subprocess.run(
             [sys.executable, str(HERE / "ort_inprocess.py"), str(model.onnx), "--batch",
              str(batch), "--threads", str(threads), "--seconds", str(seconds)],
             capture_output=True, text=True, check=True)
         result = json.loads(done.stdout)
-        sample = Sample(result["samples_per_s"], result["p50_ms"], result["p99_ms"],
-                        result["cpu_us_per_request"])
-        if best is None or sample.samples_per_s > best.samples_per_s:
-            best = sample
-    assert best is not None
-    return best
+        samples.append(Sample(result["samples_per_s"], result["p50_ms"], result["p99_ms"],
+                              result["cpu_us_per_request"]))
+    return max(samples, key=lambda s: s.samples_per_s)
 
 
 def run_phase(phase: Phase, cnnserve: Path, settings: Settings, results: Results) -> None:
