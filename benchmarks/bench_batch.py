@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import free_port, wait_ready
 from lenet_onnx import write_lenet_repository
+from servers import free_port, wait_ready
 
 from cnnserve.client.batch.job import BatchOptions, run_batch_job
 
