@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 from k8s_support import (
@@ -38,6 +38,7 @@ def runtime(name: str = "servingruntime.yaml") -> Doc:
 
 def kserve_container(doc: Doc) -> Doc:
     (container,) = doc["spec"]["containers"]
+    assert isinstance(container, dict)
     return container
 
 
