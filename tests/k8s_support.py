@@ -220,14 +220,14 @@ def help_settings() -> tuple[set[str], set[str]]:
 
 # ---- the tiny model -------------------------------------------------------------------
 
-def write_model(repository: Path, name: str, version: int = 1) -> Path:
-    """``<repository>/<name>/<version>/`` with model.onnx (y = 2x, x FP32 [-1, 4]) and the
-    config.json ``cnnserve export`` writes beside it; returns the version folder."""
+def write_model(repository: Path, name: str, version: int = 1, factor: float = 2.0) -> Path:
+    """``<repository>/<name>/<version>/`` with model.onnx (y = factor * x, x FP32 [-1, 4])
+    and the config.json ``cnnserve export`` writes beside it; returns the version folder."""
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "two"], ["y"])], "double",
+        [helper.make_node("Mul", ["x", "factor"], ["y"])], "scale",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [numpy_helper.from_array(np.array(2.0, np.float32), "two")])
+        [numpy_helper.from_array(np.array(factor, np.float32), "factor")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -430,16 +430,25 @@ def wait_serving(address: str, service: str, timeout_s: float = 30.0) -> None:
     raise AssertionError(f"probe of service {service!r} still {status} after {timeout_s} s")
 
 
+def infer_with(client: Any, model: str, x: np.ndarray[Any, Any],
+               token: str = "") -> tuple[Any, str]:
+    """One KServe v2 gRPC ModelInfer of the tiny model with a tritonclient.grpc client;
+    returns (output "y", the version that answered)."""
+    import tritonclient.grpc as triton
+
+    inp = triton.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    headers = {"authorization": f"Bearer {token}"} if token else None
+    result = client.infer(model, [inp], headers=headers, client_timeout=30)
+    return result.as_numpy("y"), str(result.get_response().model_version)
+
+
 def infer(address: str, model: str, x: np.ndarray[Any, Any], token: str = "") -> Any:
-    """One KServe v2 gRPC ModelInfer of the tiny model; returns output "y"."""
+    """One ModelInfer of the tiny model on a new connection; returns output "y"."""
     import tritonclient.grpc as triton
 
     client = triton.InferenceServerClient(url=address)
     try:
-        inp = triton.InferInput("x", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        headers = {"authorization": f"Bearer {token}"} if token else None
-        result = client.infer(model, [inp], headers=headers, client_timeout=30)
-        return result.as_numpy("y")
+        return infer_with(client, model, x, token)[0]
     finally:
         client.close()

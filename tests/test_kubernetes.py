@@ -9,6 +9,8 @@ import re
 import shutil
 import stat
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from k8s_support import (
     help_settings,
     image_tag,
     infer,
+    infer_with,
     load_yaml,
     one,
     pod_spec,
@@ -57,7 +60,12 @@ def cpu() -> list[Doc]:
 @pytest.fixture(scope="module")
 def with_components(tmp_path_factory: pytest.TempPathFactory) -> list[Doc]:
     return render_with_components(tmp_path_factory.mktemp("overlay"), "cpu",
-                                  ["tls", "queue-depth-autoscaling"])
+                                  ["tls", "queue-depth-autoscaling", "pvc-repository"])
+
+
+@pytest.fixture(scope="module")
+def with_pvc(tmp_path_factory: pytest.TempPathFactory) -> list[Doc]:
+    return render_with_components(tmp_path_factory.mktemp("overlay"), "cpu", ["pvc-repository"])
 
 
 def server_container(docs: list[Doc]) -> Doc:
@@ -272,6 +280,19 @@ def test_tls_component_mounts_the_secret_and_probes_with_the_tls_aware_probe(
     assert volumes["tls"]["secret"]["secretName"] == "cnnserve-tls"
 
 
+def test_pvc_component_mounts_the_claim_read_only_and_polls_it(with_pvc: list[Doc]) -> None:
+    pod = pod_spec(one(with_pvc, "Deployment"))
+    assert not pod.get("initContainers")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claim = one(with_pvc, "PersistentVolumeClaim")
+    assert volumes["model-repository"] == {"name": "model-repository", "persistentVolumeClaim": {
+        "claimName": claim["metadata"]["name"], "readOnly": True}}
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]  # every replica, on any node
+    server = server_container(with_pvc)
+    env = {v["name"]: v.get("value") for v in server["env"]}
+    assert env["CNNSERVE_CONTROL_MODE"] == "poll"
+
+
 # ---- the contract: run the pod's containers as the kubelet would ----------------------
 
 def _make_read_only(folder: Path) -> None:
@@ -333,3 +354,58 @@ def test_the_kserve_manifests_are_not_part_of_the_kustomize_tree() -> None:
     # kubectl apply -k must not create cluster-scoped KServe runtimes as a side effect.
     for kustomization in K8S.rglob("kustomization.yaml"):
         assert str(KSERVE.name) not in kustomization.read_text(encoding="utf-8")
+
+
+def test_a_new_version_on_the_pvc_takes_over_with_no_failed_request(
+        with_pvc: list[Doc], tmp_path: Path) -> None:
+    """The in-place rollout of deploy/README.md: version 2 appears on the volume (renamed into
+    place, as export does); each replica loads and warms it while version 1 serves, then
+    switches. Requests sent all along never fail and the probes never leave SERVING."""
+    import tritonclient.grpc as triton
+
+    server = server_container(with_pvc)
+    paths = volume_paths(server, tmp_path / "volumes")
+    repository = paths["/models"]
+    write_model(repository, MODEL, 1, factor=2.0)
+    launch = container_command(server, paths, {})
+    x = np.ones((1, 4), np.float32)
+    with run_server(launch, tmp_path) as running:
+        wait_serving(running.address, server["startupProbe"]["grpc"]["service"])
+        failures: list[BaseException] = []
+        answers: list[tuple[str, float]] = []
+        probes: list[str] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            client = triton.InferenceServerClient(url=running.address)
+            try:
+                while not stop.is_set():
+                    try:
+                        y, version = infer_with(client, MODEL, x)
+                        answers.append((version, float(y[0, 0])))
+                    except Exception as exc:
+                        failures.append(exc)
+                    probes.append(grpc_probe(running.address,
+                                             server["readinessProbe"]["grpc"]["service"]))
+            finally:
+                client.close()
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        try:
+            write_model(tmp_path / "export", MODEL, 2, factor=3.0)
+            (tmp_path / "export" / MODEL / "2").rename(repository / MODEL / "2")
+            deadline = time.monotonic() + 30
+            while not (answers and answers[-1][0] == "2") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.3)  # a little traffic on version 2 as well
+        finally:
+            stop.set()
+            worker.join(timeout=30)
+    assert not failures, failures[:3]
+    assert answers and answers[-1] == ("2", 3.0), "version 2 never took over"
+    assert answers[0] == ("1", 2.0)
+    versions = [v for v, _ in answers]
+    assert versions == sorted(versions), "requests went back to version 1 after the switch"
+    assert all(y == {"1": 2.0, "2": 3.0}[v] for v, y in answers), "a version answered wrong"
+    assert set(probes) == {"SERVING"}
