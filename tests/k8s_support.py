@@ -85,8 +85,12 @@ def render_with_components(workdir: Path, overlay: str, components: list[str]) -
     return render(workdir)
 
 
+#: libyaml's loader when PyYAML has it: KServe's InferenceService CRD is 2 MB of YAML.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_yaml(path: Path) -> Doc:
-    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)
     assert isinstance(doc, dict), f"{path} holds no object"
     return doc
 
