@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from k8s_support import (
     K8S,
-    KSERVE,
     OVERLAYS,
     Doc,
     all_containers,
@@ -350,12 +349,6 @@ def test_the_deployment_serves_as_rendered(cpu: list[Doc], tmp_path: Path) -> No
         _make_writable(repository)
 
 
-def test_the_kserve_manifests_are_not_part_of_the_kustomize_tree() -> None:
-    # kubectl apply -k must not create cluster-scoped KServe runtimes as a side effect.
-    for kustomization in K8S.rglob("kustomization.yaml"):
-        assert str(KSERVE.name) not in kustomization.read_text(encoding="utf-8")
-
-
 def test_a_new_version_on_the_pvc_takes_over_with_no_failed_request(
         with_pvc: list[Doc], tmp_path: Path) -> None:
     """The in-place rollout of deploy/README.md: version 2 appears on the volume (renamed into
@@ -409,3 +402,27 @@ def test_a_new_version_on_the_pvc_takes_over_with_no_failed_request(
     assert versions == sorted(versions), "requests went back to version 1 after the switch"
     assert all(y == {"1": 2.0, "2": 3.0}[v] for v, y in answers), "a version answered wrong"
     assert set(probes) == {"SERVING"}
+
+
+def test_the_gpu_overlay_is_never_ready_without_cuda(tmp_path: Path) -> None:
+    """--device cuda: a replica on a node whose CUDA provider cannot start stays out of the
+    Service (readiness NOT_SERVING, the reason in the log) instead of serving slowly on CPU.
+    With a working CUDA provider the same container serves."""
+    import onnxruntime
+
+    docs = render(K8S / "overlays" / "gpu")
+    server = server_container(docs)
+    paths = volume_paths(server, tmp_path / "volumes")
+    write_model(paths["/models"], MODEL)
+    launch = container_command(server, paths, {})
+    cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    with run_server(launch, tmp_path) as running:
+        service = server["readinessProbe"]["grpc"]["service"]
+        if cuda:
+            wait_serving(running.address, service)
+            x = np.ones((1, 4), np.float32)
+            np.testing.assert_array_equal(infer(running.address, MODEL, x), 2 * x)
+        else:
+            # The engine has started when the port file appears: the answer is final.
+            assert grpc_probe(running.address, service) == "NOT_SERVING"
+            assert "CUDA" in running.log.read_text()
