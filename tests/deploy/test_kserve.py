@@ -10,7 +10,8 @@ from pathlib import Path
 import jsonschema  # type: ignore[import-untyped]
 import numpy as np
 import pytest
-from k8s_support import (
+
+from tests.support.k8s import (
     KSERVE,
     Doc,
     container_command,

@@ -36,7 +36,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 KSERVE = DEPLOY / "kserve"
@@ -434,25 +434,37 @@ def wait_serving(address: str, service: str, timeout_s: float = 30.0) -> None:
     raise AssertionError(f"probe of service {service!r} still {status} after {timeout_s} s")
 
 
-def infer_with(client: Any, model: str, x: np.ndarray[Any, Any],
-               token: str = "") -> tuple[Any, str]:
-    """One KServe v2 gRPC ModelInfer of the tiny model with a tritonclient.grpc client;
-    returns (output "y", the version that answered)."""
-    import tritonclient.grpc as triton
+def open_channel(address: str) -> Any:
+    """A plaintext gRPC channel to ``address`` (close it when done)."""
+    import grpc
 
-    inp = triton.InferInput("x", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    headers = {"authorization": f"Bearer {token}"} if token else None
-    result = client.infer(model, [inp], headers=headers, client_timeout=30)
-    return result.as_numpy("y"), str(result.get_response().model_version)
+    return grpc.insecure_channel(address)
+
+
+def infer_with(channel: Any, model: str, x: np.ndarray[Any, Any],
+               token: str = "") -> tuple[Any, str]:
+    """One KServe v2 gRPC ModelInfer of the tiny model over ``channel`` (raw protocol
+    messages, as any client sends them); returns (output "y", the version that answered).
+    Raises grpc.RpcError for a refused call."""
+    from cnnserve.proto import grpc_service_pb2 as pb
+    from cnnserve.proto import grpc_service_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(x, np.float32).tobytes())
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30,
+                                                                 metadata=metadata)
+    index = [o.name for o in reply.outputs].index("y")
+    y = np.frombuffer(reply.raw_output_contents[index], np.float32).reshape(
+        tuple(reply.outputs[index].shape))
+    return y, reply.model_version
 
 
 def infer(address: str, model: str, x: np.ndarray[Any, Any], token: str = "") -> Any:
     """One ModelInfer of the tiny model on a new connection; returns output "y"."""
-    import tritonclient.grpc as triton
-
-    client = triton.InferenceServerClient(url=address)
+    channel = open_channel(address)
     try:
-        return infer_with(client, model, x, token)[0]
+        return infer_with(channel, model, x, token)[0]
     finally:
-        client.close()
+        channel.close()
