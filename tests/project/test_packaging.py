@@ -108,3 +108,20 @@ def test_each_part_builds_alone_without_heavy_dependencies(
                 for line in archive.read(metadata).decode().splitlines()
                 if line.startswith("Requires-Dist:")]
     assert not set(requires) & set(forbidden), requires
+
+
+def test_each_parts_requirements_match_the_root_extra() -> None:
+    """The root distribution's extras and the parts' own requirements cannot drift apart."""
+    import tomllib
+
+    def requires(folder: Path) -> set[str]:
+        data = tomllib.loads((folder / "pyproject.toml").read_text(encoding="utf-8"))
+        return {r for r in data["project"]["dependencies"] if not r.startswith("cnnserve-")}
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))[
+        "project"]["optional-dependencies"]
+    for part, extra in (("server", "serve"), ("client", "client"), ("training", "train")):
+        own = requires(ROOT / part) | requires(ROOT / "common")
+        if part != "training":
+            own |= requires(ROOT / "proto")
+        assert own <= set(extras[extra]), (part, sorted(own - set(extras[extra])))

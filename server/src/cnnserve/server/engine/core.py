@@ -1,4 +1,4 @@
-"""The serving engine: the protocol-neutral core the gRPC layer calls (see ENGINE_API.md).
+"""The serving engine: the protocol-neutral core every wire layer calls (see ARCHITECTURE.md).
 
 :class:`Engine` ties the repository (what is served), the runtime (ONNX Runtime sessions) and
 the batcher (how requests reach them) together, and owns the two thread pools: one runs
@@ -94,7 +94,7 @@ class LoadedModel:
 
     async def infer(self, inputs: Mapping[str, Array], outputs: Sequence[str] = (), *,
                     deadline: float | None = None) -> dict[str, Array]:
-        """Run validated ``inputs`` (same first dim B) through the batcher; see ENGINE_API.md.
+        """Run validated ``inputs`` (same first dim B) through the batcher; see ARCHITECTURE.md.
 
         Returns the ``outputs`` asked for (all if empty), each with first dim B. Raises
         QueueFull, DeadlineExceeded, ServerShuttingDown, InferenceFailed, ModelNotReady.

@@ -1,9 +1,11 @@
 """Checking a decoded request against the model's signature before it reaches the engine.
 
-The engine trusts what it is given (names, dtypes, shapes, rows <= max_batch_size), so
-everything a client can get wrong is caught here and answered INVALID_ARGUMENT with a message
-naming the model, the tensor, what was expected and what arrived, e.g.
-``model 'fashion' input 'input' expects shape [-1,1,28,28], got [1,28,28]``.
+Everything a client can get wrong (names, datatypes, shapes, rows) is caught here and answered
+INVALID_ARGUMENT with a message naming the model, the tensor, what was expected and what
+arrived, e.g. ``model 'fashion' input 'input' expects shape [-1,1,28,28], got [1,28,28]``.
+The engine trusts names, datatypes and shapes; the batcher re-checks only the row limit,
+the one invariant it cannot batch without, so a caller that skips this module (a test, a
+future wire layer) gets INVALID_ARGUMENT rather than an oversized ONNX Runtime run.
 """
 
 from __future__ import annotations
