@@ -98,20 +98,21 @@ def _triton(model_dir: Path, policy: ModelPolicy) -> TritonModel | None:
 
 
 def load_version(name: str, folder: Path, policy: ModelPolicy, options: RuntimeOptions,
-                 where: str) -> tuple[VersionSource, OrtRuntime]:
+                 where: str, *, lone_file: Path | None = None) -> tuple[VersionSource, OrtRuntime]:
     """Describe version ``folder`` of model ``name``, open its session, check and warm it up.
 
     ``options`` are the server's; config.pbtxt may override the thread counts and
-    ``policy.device`` the device. Raises ModelLoadError naming ``where`` and the file at
-    fault.
+    ``policy.device`` the device. ``lone_file`` describes that ONNX file alone, as if it were
+    the only file of its version (``cnnserve inspect FILE``). Raises ModelLoadError naming
+    ``where`` and the file at fault.
     """
     try:
-        triton = _triton(folder.parent, policy)
+        triton = None if lone_file else _triton(folder.parent, policy)
         config_json = (VersionConfig.load(folder / CONFIG_FILE)
-                       if (folder / CONFIG_FILE).exists() else None)
+                       if not lone_file and (folder / CONFIG_FILE).exists() else None)
     except ConfigError as exc:
         raise ModelLoadError(f"{where}: {exc}") from exc
-    model_file = folder / (triton.model_filename if triton else MODEL_FILE)
+    model_file = lone_file or folder / (triton.model_filename if triton else MODEL_FILE)
     options = dataclasses.replace(
         options, device=policy.device or options.device,
         intra_op_threads=_pick(triton.intra_op_threads if triton else None,
