@@ -73,3 +73,16 @@ def test_problems_exit_1_with_the_servers_message(
 def test_serve_accepts_model_repository_as_an_alias() -> None:
     args = build_parser().parse_args(["serve", "--model-repository", "/srv/models"])
     assert Settings.build(vars(args), {}).repository == Path("/srv/models")
+
+
+def test_the_server_reads_graphs_without_the_onnx_package() -> None:
+    import subprocess
+    import sys
+
+    probe = ("import sys, cnnserve.server.process.inspect, cnnserve.server.engine.core\n"
+             "print(' '.join(sorted(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120, check=True)
+    loaded = set(result.stdout.split())
+    assert "cnnserve.server.runtime.signature" in loaded
+    assert "onnx" not in loaded and "torch" not in loaded

@@ -34,7 +34,7 @@ from tests.support.third_party import (
     write_pbtxt,
     write_version,
 )
-from tests.support.wire import infer_request, output_array, stub
+from tests.support.wire import eventually, infer_request, output_array, stub
 
 CLASSIFIER_PBTXT = """
 name: "cls"
@@ -298,3 +298,15 @@ async def test_stock_tritonclient_reads_and_infers_triton_and_bare_models(
     assert multi["outputs"]["twice"] == expected["twice"].tolist()
     assert multi["outputs"]["positive"] == expected["positive"].tolist()
     np.testing.assert_allclose(multi["outputs"]["sum"], expected["sum"], **ORT_TOLERANCE)
+
+
+async def test_poll_mode_reloads_when_config_pbtxt_changes(wire_server: Any,
+                                                           model_repo: Path) -> None:
+    write_version(model_repo, "cls", classifier())
+    write_pbtxt(model_repo, "cls", "max_batch_size: 4")
+    server = await wire_server(model_repo, control_mode="poll", poll_interval_s=0.05)
+    assert server.engine.get("cls").config.max_batch_size == 4
+    write_pbtxt(model_repo, "cls", "max_batch_size: 2\ninstance_group [ { count: 1 } ]")
+    await eventually(lambda: server.engine.get("cls").config.max_batch_size == 2,
+                     what="the new config.pbtxt to be served")
+    assert server.engine.get("cls").instance_count == 1
