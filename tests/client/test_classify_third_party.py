@@ -13,6 +13,7 @@ from PIL import Image
 
 from cnnserve.cli import main
 from cnnserve.client import InferenceClient, PixelScaling
+from cnnserve.server.engine.autocomplete import DEFAULT_MAX_BATCH_SIZE
 from tests.support.client import ServerThread
 from tests.support.third_party import classifier, ort_run, write_pbtxt, write_version
 
@@ -68,6 +69,9 @@ def test_the_cli_classifies_with_the_label_file_and_pixel_flags(
 def test_the_sdk_takes_the_same_scaling(server: ServerThread, tmp_path: Path) -> None:
     _, pixels = _images(tmp_path, 2)
     with InferenceClient(server.url) as client:
+        assert client.model_info("batched").max_batch_size == DEFAULT_MAX_BATCH_SIZE
+        assert client.model_info("single").max_batch_size == 0
+        assert client.model_info("single").labels == tuple(LABELS)
         result = client.classify("single", pixels, top_k=2,
                                  scaling=PixelScaling(SCALE, MEAN, STD))
     assert [[p.label for p in row] for row in result] == _expected(pixels)

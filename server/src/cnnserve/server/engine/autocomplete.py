@@ -7,10 +7,12 @@ A version with no cnnserve ``config.json`` is described by its graph, with whate
   graph unless config.pbtxt lists them, in which case they must agree with it.
 - Batching: with config.pbtxt ``max_batch_size`` > 0 the graph must have a symbolic first
   dimension on every input and output. With no config.pbtxt, or one whose max_batch_size is
-  0/absent and that lists no input or output, batching is derived: if every input and
-  output has a symbolic first dimension the model batches with
-  ``DEFAULT_MAX_BATCH_SIZE`` rows (model.json's max_batch_size overrides it), otherwise
-  max_batch_size is 0 and every request runs alone with the graph's exact shapes.
+  0/absent and that lists no tensor with dims (or only dims that leave out the graph's first
+  dimension, Triton's hint), batching is derived: if every input and output has a symbolic
+  first dimension the model batches with ``DEFAULT_MAX_BATCH_SIZE`` rows (model.json's
+  max_batch_size overrides it), otherwise max_batch_size is 0 and every request runs alone
+  with the graph's exact shapes. A config.pbtxt listing full graph shapes and no
+  max_batch_size means 0.
 
 The result is two VersionConfigs: what clients see, and what the graph takes (they differ
 only where config.pbtxt gives a ``reshape``). Pure: no I/O.
@@ -71,26 +73,34 @@ def complete(name: str, signature: GraphSignature, triton: TritonModel | None = 
     """
     notes: list[str] = []
     problem = batching_problem(signature)
-    listed = triton is not None and bool(triton.inputs or triton.outputs)
+    # Tensors listed without dims only name a datatype or labels: they say nothing of batching.
+    listed = triton is not None and any(t.dims is not None
+                                        for t in (*triton.inputs, *triton.outputs))
+    full_shapes = listed and not (not problem and triton is not None
+                                  and _dims_omit_batch(triton, signature))
     if triton is not None and triton.max_batch_size > 0:
         if problem:
             raise ConfigError(f"config.pbtxt sets max_batch_size {triton.max_batch_size} but "
                               f"the graph cannot batch: its {problem}; set max_batch_size: 0")
         max_batch = triton.max_batch_size
         notes.append(f"max_batch_size {max_batch}: config.pbtxt")
-    elif listed:
+    elif full_shapes:
         max_batch = 0
-        notes.append("max_batch_size 0 (no batching): config.pbtxt lists tensors and sets no "
-                     "max_batch_size")
+        notes.append("max_batch_size 0 (no batching): config.pbtxt lists tensors with the "
+                     "graph's full shapes and sets no max_batch_size")
     elif problem:
         max_batch = 0
         notes.append(f"max_batch_size 0 (no batching), derived: the graph's {problem}; "
                      "requests run one at a time with the graph's exact shapes")
+        if policy_max_batch_size:
+            notes.append(f"model.json's max_batch_size {policy_max_batch_size} is not used: "
+                         "the graph cannot batch")
     else:
         max_batch = policy_max_batch_size or DEFAULT_MAX_BATCH_SIZE
         why = "model.json" if policy_max_batch_size else f"default {DEFAULT_MAX_BATCH_SIZE}"
+        hint = ", and config.pbtxt's dims leave it out" if listed else ""
         notes.append(f"max_batch_size {max_batch} ({why}), derived: every input and output "
-                     f"has a {_first_dim(signature)}")
+                     f"has a {_first_dim(signature)}{hint}")
     given_in = {t.name: t for t in triton.inputs} if triton else {}
     given_out = {t.name: t for t in triton.outputs} if triton else {}
     ins = [_spec("input", g, given_in.get(g.name), max_batch) for g in signature.inputs]
@@ -120,6 +130,15 @@ def complete(name: str, signature: GraphSignature, triton: TritonModel | None = 
     output_labels = ({t.name: labels.get(t.name, ()) for t in config.outputs}
                      if labels else {})
     return Completion(config, graph, tuple(notes), output_labels)
+
+
+def _dims_omit_batch(triton: TritonModel, signature: GraphSignature) -> bool:
+    """Whether config.pbtxt's dims leave out the graph's first dimension (Triton's hint that
+    a model with max_batch_size 0/absent batches), for every listed tensor with dims."""
+    graph = {t.name: len(t.shape) for t in (*signature.inputs, *signature.outputs)}
+    ranks = [(len(t.reshape if t.reshape is not None else t.dims), graph.get(t.name))
+             for t in (*triton.inputs, *triton.outputs) if t.dims is not None]
+    return bool(ranks) and all(g is not None and r + 1 == g for r, g in ranks)
 
 
 def _layout(triton: TritonModel | None) -> str:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
 from cnnserve.common.datatypes import ONNX_TYPES
-from cnnserve.server.errors import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -71,22 +69,3 @@ def read_signature(session: ort.InferenceSession) -> GraphSignature:
         description=meta.description,
         metadata=tuple(sorted(meta.custom_metadata_map.items())))
 
-
-def load_signature(model_path: Path, where: str) -> GraphSignature:
-    """Open ``model_path`` on the CPU without graph optimisation and read its signature.
-
-    Raises ModelLoadError (naming ``where``) when the file is missing or ONNX Runtime
-    cannot load it.
-    """
-    if not model_path.is_file():
-        raise ModelLoadError(f"{where}: {model_path} does not exist")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    try:
-        session = ort.InferenceSession(str(model_path), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-        raise ModelLoadError(f"{where}: onnxruntime cannot load {model_path}: {exc}") from exc
-    return read_signature(session)
