@@ -10,9 +10,6 @@ of config.pbtxt, model.json and config.json.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,51 +20,23 @@ import pytest
 from cnnserve.client.aio import AsyncInferenceClient
 from cnnserve.common.repository import ModelPolicy
 from cnnserve.proto import model_config_pb2 as mc
-from cnnserve.server.engine.autocomplete import DEFAULT_MAX_BATCH_SIZE
 from cnnserve.server.errors import QueueFull
 from tests.support.models import ORT_TOLERANCE, build_onnx, linear_expected, write_test_model
 from tests.support.third_party import (
+    CLASSIFIER_LABELS,
     classifier,
     fixed_shape,
-    multi_io,
     ort_run,
+    write_classifier_repo,
     write_pbtxt,
     write_version,
 )
 from tests.support.wire import eventually, infer_request, output_array, stub
 
-CLASSIFIER_PBTXT = """
-name: "cls"
-platform: "onnxruntime_onnx"
-max_batch_size: 4
-input [ { name: "image" data_type: TYPE_FP32 format: FORMAT_NCHW dims: [ 3, 4, 4 ] } ]
-output [ { name: "scores" data_type: TYPE_FP32 dims: [ 5 ] label_filename: "labels.txt" } ]
-dynamic_batching {
-  max_queue_delay_microseconds: 250
-  preferred_batch_size: [ 2, 4 ]
-  default_queue_policy { max_queue_size: 3 }
-}
-instance_group [ { count: 2 kind: KIND_CPU }, { count: 1 kind: KIND_CPU } ]
-version_policy: { specific: { versions: [ 1, 3 ] } }
-default_model_filename: "net.onnx"
-parameters {
-  key: "normalization"
-  value: { string_value: "{\\"mean\\": [0.5, 0.5, 0.5], \\"std\\": [0.25, 0.25, 0.25]}" }
-}
-parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
-"""
-LABELS = "cat\ndog\n\nfox\nowl\n"
-
-
-def _classifier_repo(repo: Path) -> None:
-    for version in (1, 2, 3):
-        write_version(repo, "cls", classifier(), version, filename="net.onnx")
-    write_pbtxt(repo, "cls", CLASSIFIER_PBTXT, labels__txt=LABELS)
-
 
 async def test_every_supported_field_is_honoured_and_reported(wire_server: Any,
                                                               model_repo: Path) -> None:
-    _classifier_repo(model_repo)
+    write_classifier_repo(model_repo)
     server = await wire_server(model_repo)
     assert [(e.version, e.state) for e in server.engine.index()] == [("1", "READY"),
                                                                      ("3", "READY")]
@@ -97,7 +66,7 @@ async def test_every_supported_field_is_honoured_and_reported(wire_server: Any,
         request = infer_request("cls", x[:3], "image", outputs=["scores"], class_count=2)
         classes = output_array(await stub(channel).ModelInfer(request), "scores")
     scores = ort_run(classifier(), {"image": x[:3]})["scores"]
-    labels = LABELS.splitlines()
+    labels = CLASSIFIER_LABELS.splitlines()
     for row, items in enumerate(classes):
         best = np.argsort(-scores[row], kind="stable")[:2]
         assert [i.decode().split(":", 1)[1] for i in items] == [f"{b}:{labels[b]}" for b in best]
@@ -236,68 +205,6 @@ async def test_config_pbtxt_beats_model_json_and_config_json_beats_both_for_the_
             await stub(channel).ModelInfer(infer_request("m", np.zeros((3, 1, 4, 4),
                                                                        np.float32)))
 
-
-
-_TRITONCLIENT = r"""
-import json, sys
-import numpy as np
-import tritonclient.grpc as g
-
-address, data = sys.argv[1], json.loads(sys.argv[2])
-client = g.InferenceServerClient(address)
-out = {}
-for model, feeds in data.items():
-    out[model] = {"metadata": client.get_model_metadata(model, as_json=True),
-                  "config": client.get_model_config(model, as_json=True)["config"]}
-    inputs = []
-    for name, (datatype, values) in feeds.items():
-        array = np.array(values, dtype=g.triton_to_np_dtype(datatype))
-        given = g.InferInput(name, list(array.shape), datatype)
-        given.set_data_from_numpy(array)
-        inputs.append(given)
-    result = client.infer(model, inputs)
-    out[model]["outputs"] = {o["name"]: result.as_numpy(o["name"]).tolist()
-                             for o in out[model]["metadata"]["outputs"]}
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
-                    reason="tritonclient is not installed")
-async def test_stock_tritonclient_reads_and_infers_triton_and_bare_models(
-        wire_server: Any, model_repo: Path) -> None:
-    _classifier_repo(model_repo)
-    write_version(model_repo, "multi", multi_io())
-    server = await wire_server(model_repo)
-    rng = np.random.default_rng(6)
-    image = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
-    a = rng.normal(size=(2, 3)).astype(np.float32)
-    ids = np.array([[-3, 2**40], [0, 7]], np.int64)
-    data = {"cls": {"image": ("FP32", image.tolist())},
-            "multi": {"a": ("FP32", a.tolist()), "ids": ("INT64", ids.tolist())}}
-    # tritonclient's messages share the "inference" package with ours: another process.
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _TRITONCLIENT, server.address, json.dumps(data),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    stdout, stderr = await asyncio.wait_for(child.communicate(), 120)
-    assert child.returncode == 0, stderr.decode()
-    out = json.loads(stdout)
-
-    cls = out["cls"]
-    assert cls["config"]["max_batch_size"] == 4
-    assert cls["config"]["instance_group"][0]["count"] == 3
-    assert cls["config"]["input"][0]["dims"] == ["3", "4", "4"]
-    assert cls["metadata"]["inputs"][0]["shape"] == ["-1", "3", "4", "4"]
-    np.testing.assert_allclose(cls["outputs"]["scores"],
-                               ort_run(classifier(), {"image": image})["scores"],
-                               **ORT_TOLERANCE)
-    multi = out["multi"]
-    assert multi["config"]["max_batch_size"] == DEFAULT_MAX_BATCH_SIZE
-    assert [o["datatype"] for o in multi["metadata"]["outputs"]] == ["FP32", "INT64", "BOOL"]
-    expected = ort_run(multi_io(), {"a": a, "ids": ids})
-    assert multi["outputs"]["twice"] == expected["twice"].tolist()
-    assert multi["outputs"]["positive"] == expected["positive"].tolist()
-    np.testing.assert_allclose(multi["outputs"]["sum"], expected["sum"], **ORT_TOLERANCE)
 
 
 async def test_poll_mode_reloads_when_config_pbtxt_changes(wire_server: Any,

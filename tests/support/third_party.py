@@ -160,3 +160,34 @@ def ort_run(model: onnx.ModelProto | Path, feeds: dict[str, Any]) -> dict[str, A
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+CLASSIFIER_PBTXT = """
+name: "cls"
+platform: "onnxruntime_onnx"
+max_batch_size: 4
+input [ { name: "image" data_type: TYPE_FP32 format: FORMAT_NCHW dims: [ 3, 4, 4 ] } ]
+output [ { name: "scores" data_type: TYPE_FP32 dims: [ 5 ] label_filename: "labels.txt" } ]
+dynamic_batching {
+  max_queue_delay_microseconds: 250
+  preferred_batch_size: [ 2, 4 ]
+  default_queue_policy { max_queue_size: 3 }
+}
+instance_group [ { count: 2 kind: KIND_CPU }, { count: 1 kind: KIND_CPU } ]
+version_policy: { specific: { versions: [ 1, 3 ] } }
+default_model_filename: "net.onnx"
+parameters {
+  key: "normalization"
+  value: { string_value: "{\\"mean\\": [0.5, 0.5, 0.5], \\"std\\": [0.25, 0.25, 0.25]}" }
+}
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+"""
+CLASSIFIER_LABELS = "cat\ndog\n\nfox\nowl\n"
+
+
+def write_classifier_repo(repo: Path) -> None:
+    """Model "cls": versions 1-3 of :func:`classifier` as net.onnx and CLASSIFIER_PBTXT,
+    which uses every config.pbtxt field cnnserve honours."""
+    for version in (1, 2, 3):
+        write_version(repo, "cls", classifier(), version, filename="net.onnx")
+    write_pbtxt(repo, "cls", CLASSIFIER_PBTXT, labels__txt=CLASSIFIER_LABELS)
