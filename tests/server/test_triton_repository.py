@@ -20,7 +20,9 @@ import pytest
 from cnnserve.client.aio import AsyncInferenceClient
 from cnnserve.common.repository import ModelPolicy
 from cnnserve.proto import model_config_pb2 as mc
+from cnnserve.server.engine.model_source import load_version, read_model_policy
 from cnnserve.server.errors import QueueFull
+from cnnserve.server.runtime.ort import RuntimeOptions
 from tests.support.models import ORT_TOLERANCE, build_onnx, linear_expected, write_test_model
 from tests.support.third_party import (
     CLASSIFIER_LABELS,
@@ -217,3 +219,18 @@ async def test_poll_mode_reloads_when_config_pbtxt_changes(wire_server: Any,
     await eventually(lambda: server.engine.get("cls").config.max_batch_size == 2,
                      what="the new config.pbtxt to be served")
     assert server.engine.get("cls").instance_count == 1
+
+
+def test_thread_parameters_set_the_session_threads(model_repo: Path) -> None:
+    write_version(model_repo, "fixed", fixed_shape())
+    write_pbtxt(model_repo, "fixed", """
+        parameters { key: "intra_op_thread_count" value: { string_value: "3" } }
+        parameters { key: "inter_op_thread_count" value: { string_value: "2" } }
+        parameters { key: "team" value: { string_value: "vision" } }
+    """)
+    folder = model_repo / "fixed"
+    source, runtime = load_version("fixed", folder / "1", read_model_policy(folder),
+                                   RuntimeOptions(), "model 'fixed' version 1")
+    options = runtime._session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 2)
+    assert source.parameters["team"] == "vision"  # passed through to ModelConfig
