@@ -32,6 +32,8 @@ def inspect_path(path: Path, options: RuntimeOptions, out: Print = print) -> int
     """Print what would be served from ``path``; return 0, or 1 if anything fails to load."""
     path = path.resolve()
     if path.is_file():
+        out(f"ONNX file {path}, described alone as model '{path.stem}' version 1 with the "
+            "default policy")
         return _inspect_version(path.stem, path.parent, ModelPolicy(), options, out,
                                 lone_file=path)
     if not path.is_dir():
