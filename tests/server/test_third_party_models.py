@@ -164,3 +164,31 @@ async def test_a_graph_the_protocol_cannot_carry_is_refused_at_load(
         with pytest.raises(InferenceServerError) as caught:
             await client.model_metadata("seq")
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_symbolic_first_dimension_that_is_no_batch_fails_the_load(
+        wire_server: Any, model_repo: Path) -> None:
+    from onnx import TensorProto, helper
+
+    # "T" looks like a batch dimension, but the graph keeps only the first row (a mask
+    # computed from the data, so no shape inference sees it): 1 row in, 1 out; 2 in, 1 out.
+    nodes = [helper.make_node("ReduceSum", ["x", "ax1"], ["r"], keepdims=0),
+             helper.make_node("Mul", ["r", "zero"], ["z"]),
+             helper.make_node("Add", ["z", "one"], ["ones"]),
+             helper.make_node("CumSum", ["ones", "ax0"], ["count"]),
+             helper.make_node("Equal", ["count", "one"], ["first"]),
+             helper.make_node("Compress", ["x", "first"], ["head"], axis=0)]
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 3])],
+        [helper.make_tensor_value_info("head", TensorProto.FLOAT, ["T", 3])],
+        [helper.make_tensor("ax1", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("ax0", TensorProto.INT64, [], [0]),
+         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+         helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    write_version(model_repo, "head", model)
+    server = await wire_server(model_repo)
+    (entry,) = server.engine.index()
+    assert entry.state == "UNAVAILABLE"
+    assert "a batch of 2 rows gave outputs of shapes {'head': [1, 3]}" in entry.reason

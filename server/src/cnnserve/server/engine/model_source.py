@@ -41,7 +41,13 @@ from cnnserve.server.engine.triton_config import (
     load_triton_config,
 )
 from cnnserve.server.errors import ModelLoadError
-from cnnserve.server.runtime.ort import OrtRuntime, RuntimeOptions, open_session, start_runtime
+from cnnserve.server.runtime.ort import (
+    OrtRuntime,
+    RuntimeOptions,
+    check_batching,
+    open_session,
+    start_runtime,
+)
 from cnnserve.server.runtime.signature import GraphSignature, read_signature
 
 log = logging.getLogger(__name__)
@@ -123,6 +129,8 @@ def load_version(name: str, folder: Path, policy: ModelPolicy, options: RuntimeO
     source = describe(name, model_file, policy, triton, config_json,
                       read_signature(session), where)
     runtime = start_runtime(session, source.graph, options, where, source.origin)
+    if options.warmup and source.origin != CONFIG_FILE and source.graph.max_batch_size > 1:
+        check_batching(runtime, source.graph, where)
     return source, runtime
 
 

@@ -32,9 +32,11 @@ def inspect_path(path: Path, options: RuntimeOptions, out: Print = print) -> int
     """Print what would be served from ``path``; return 0, or 1 if anything fails to load."""
     path = path.resolve()
     if path.is_file():
-        out(f"ONNX file {path}, described alone as model '{path.stem}' version 1 with the "
+        in_version = path.parent.name.isdigit()  # <model>/<version>/file: the model's name
+        name = path.parent.parent.name if in_version else path.stem
+        out(f"ONNX file {path}, described alone as model '{name}' version 1 with the "
             "default policy")
-        return _inspect_version(path.stem, path.parent, ModelPolicy(), options, out,
+        return _inspect_version(name, path.parent, ModelPolicy(), options, out,
                                 lone_file=path)
     if not path.is_dir():
         out(f"{path}: no such file or folder")

@@ -200,6 +200,27 @@ def warm_up(runtime: OrtRuntime, config: VersionConfig, where: str) -> None:
                                  "the batch")
 
 
+def check_batching(runtime: OrtRuntime, config: VersionConfig, where: str) -> None:
+    """Run 2 rows of zeros and check every output has 2 rows (blocking).
+
+    For a batch dimension taken on trust from a symbolic first dimension: a graph whose
+    symbol is something else (a sequence length, a reduced axis) fails here, at load, rather
+    than on the first merged batch. Raises ModelLoadError.
+    """
+    feeds = {t.name: example_input(t, rows=2) for t in config.inputs}
+    try:
+        outputs = runtime.run(feeds)
+    except Exception as exc:
+        raise ModelLoadError(f"{where}: a batch of 2 rows failed, so the first dimension is "
+                             f"not a batch dimension ({exc}); set max_batch_size: 0 in "
+                             "config.pbtxt") from exc
+    bad = {name: list(v.shape) for name, v in outputs.items() if v.ndim == 0 or len(v) != 2}
+    if bad:
+        raise ModelLoadError(f"{where}: a batch of 2 rows gave outputs of shapes {bad}, so the "
+                             "first dimension is not a batch dimension; set max_batch_size: 0 "
+                             "in config.pbtxt")
+
+
 def example_input(spec: TensorSpec, rows: int) -> Array:
     """Zeros (empty strings for BYTES) of the tensor's shape with ``rows`` rows.
 
