@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-SUBCOMMANDS = ("train", "evaluate", "export", "serve", "batch", "classify")
+SUBCOMMANDS = ("train", "evaluate", "export", "serve", "inspect", "batch", "classify")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -255,13 +255,13 @@ async def test_loading_runs_off_the_event_loop_and_shows_loading(
     write_test_model(model_repo, "a", 1)
     engine = await make_engine(control_mode="explicit", models=("a",))
     gate = threading.Event()
-    real_open = engine_module.open_runtime
+    real_open = engine_module.load_version
 
     def slow_open(*args: Any) -> Any:
         assert gate.wait(10)
         return real_open(*args)
 
-    monkeypatch.setattr(engine_module, "open_runtime", slow_open)
+    monkeypatch.setattr(engine_module, "load_version", slow_open)
     write_test_model(model_repo, "b", 1)
     loading = asyncio.ensure_future(engine.load("b"))
     await eventually(lambda: IndexEntry("b", "1", "LOADING", "") in engine.index())

@@ -20,6 +20,7 @@ from cnnserve.common.repository import (
     DynamicBatching,
     ModelPolicy,
 )
+from cnnserve.server.engine.model_source import read_model_policy
 from cnnserve.server.engine.repository import IndexEntry, Repository
 from cnnserve.server.engine.scan import read_policy, scan_model, scan_repository, select_versions
 from cnnserve.server.errors import ModelLoadError, ModelNotFound, ModelNotReady
@@ -82,7 +83,7 @@ def metrics() -> Metrics:
 @pytest.fixture
 def repo(model_repo: Path, opener: FakeOpener, executor: ThreadPoolExecutor,
          metrics: Metrics) -> Repository[FakeServable]:
-    return Repository(model_repo, opener, ModelPolicy.load, executor, metrics)
+    return Repository(model_repo, opener, read_model_policy, executor, metrics)
 
 
 def states(repo: Repository[FakeServable], name: str) -> dict[str, str]:

@@ -94,7 +94,7 @@ def test_a_signature_that_disagrees_with_config_json_fails_the_load(
         model_repo: Path, change: dict[str, object], message: str) -> None:
     path, config = linear_model(model_repo)
     bad = dataclasses.replace(config, **change)  # type: ignore[arg-type]
-    with pytest.raises(ModelLoadError, match=f"model 'm' version 1: model.onnx disagrees with "
+    with pytest.raises(ModelLoadError, match=f"model 'm' version 1: the graph disagrees with "
                                              f"config.json: .*{message}"):
         open_runtime(path, bad, RuntimeOptions(), WHERE)
 

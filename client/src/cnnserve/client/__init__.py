@@ -14,7 +14,7 @@ Every failed call raises :class:`InferenceServerError` carrying the gRPC status 
 from __future__ import annotations
 
 from cnnserve.client._channel import TlsConfig
-from cnnserve.client._infer import Prediction
+from cnnserve.client._infer import PixelScaling, Prediction
 from cnnserve.client._model import (
     ModelInfo,
     ModelMetadata,
@@ -36,6 +36,7 @@ __all__ = [
     "InvalidInputError",
     "ModelInfo",
     "ModelMetadata",
+    "PixelScaling",
     "Prediction",
     "RepositoryModel",
     "RetryPolicy",

@@ -193,7 +193,8 @@ class Core:
         return _infer.parse_response(response)
 
     def classify(self, model: str, images: Any, *, top_k: int, version: str | None,
-                 timeout: float | None) -> Flow[list[list[_infer.Prediction]]]:
+                 timeout: float | None, scaling: _infer.PixelScaling | None = None,
+                 ) -> Flow[list[list[_infer.Prediction]]]:
         """Top-k ``(label, probability)`` per image; images as in :func:`images.to_pixels`."""
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -201,9 +202,16 @@ class Core:
         from cnnserve.client.images import to_pixels  # Pillow only when classifying
 
         pixels = to_pixels(images, info.image_shape)
-        x = _infer.preprocess(info, pixels)
-        outputs = yield from self.infer(model, {info.image_input.name: x}, version=version,
-                                        outputs=_infer.classify_outputs(info), timeout=timeout)
+        x = _infer.preprocess(info, pixels, scaling)
+        name, wanted = info.image_input.name, _infer.classify_outputs(info)
+        if info.max_batch_size > 0:
+            outputs = yield from self.infer(model, {name: x}, version=version, outputs=wanted,
+                                            timeout=timeout)
+        else:  # a model that does not batch takes one image per request
+            parts = yield Gather(tuple(
+                self.infer(model, {name: x[i:i + 1]}, version=version, outputs=wanted,
+                           timeout=timeout) for i in range(len(x))), SPLIT_CONCURRENCY)
+            outputs = _infer.concat_outputs(parts)
         return _infer.predictions(info, outputs, top_k)
 
     # -- repository and statistics ----------------------------------------------------------

@@ -143,19 +143,48 @@ def parse_response(response: pb.ModelInferResponse) -> Arrays:
                                    rpc="ModelInfer") from exc
 
 
-def preprocess(info: ModelInfo, pixels: np.ndarray) -> np.ndarray:
+class PixelScaling(NamedTuple):
+    """How to turn uint8 pixels into model input, for models that do not publish it:
+    ``(pixel * scale - mean[c]) / std[c]``. None fields fall back to the model's published
+    normalisation, then to ``scale`` 1/255, ``mean`` 0 and ``std`` 1."""
+
+    scale: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def preprocess(info: ModelInfo, pixels: np.ndarray,
+               scaling: PixelScaling | None = None) -> np.ndarray:
     """Normalise uint8 ``[N, C, H, W]`` pixels with the model's own statistics.
 
     Uses :func:`cnnserve.common.preprocess.normalize` (the one canonical preprocessing, also used by
     training and ``cnnserve evaluate``) so the server sees bit-identical inputs. Without
-    published statistics the pixels are only scaled to 0..1.
+    published statistics the pixels are only scaled to 0..1. ``scaling`` overrides both
+    (a third-party model trained on other pixel ranges).
     """
     channels = info.image_shape[0]
-    mean = info.mean if info.mean is not None else (0.0,) * channels
-    std = info.std if info.std is not None else (1.0,) * channels
-    out = normalize(pixels, mean, std)
+    scaling = scaling or PixelScaling()
+    mean = scaling.mean or (info.mean if info.mean is not None else (0.0,) * channels)
+    std = scaling.std or (info.std if info.std is not None else (1.0,) * channels)
+    if scaling.scale is None or scaling.scale == 1 / 255:
+        out = normalize(pixels, mean, std)
+    else:  # the same float32 steps as normalize(), with another scale than 1/255
+        out = _scaled(pixels, scaling.scale, mean, std)
     want = numpy_dtype(info.image_input.datatype)
     return out if out.dtype == want else out.astype(want)
+
+
+def _scaled(pixels: np.ndarray, scale: float, mean: Sequence[float],
+            std: Sequence[float]) -> np.ndarray:
+    channels = pixels.shape[1]
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise InvalidInputError(f"--mean/--std need {channels} values (std > 0), got "
+                                f"{list(mean)} and {list(std)}")
+    shape = (1, channels, 1, 1)
+    x = pixels.astype(np.float32) * np.float32(scale)
+    out: np.ndarray = (x - np.asarray(mean, np.float32).reshape(shape)) / \
+        np.asarray(std, np.float32).reshape(shape)
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 
 from cnnserve.client._channel import TlsConfig, channel_spec
 from cnnserve.client._core import Core, Flow, Gather, Rpc, Sleep, T, rpc_error
-from cnnserve.client._infer import Prediction
+from cnnserve.client._infer import PixelScaling, Prediction
 from cnnserve.client._model import ModelInfo, ModelMetadata, RepositoryModel, ServerMetadata
 from cnnserve.client._retry import RetryPolicy, as_policy
 from cnnserve.client.errors import InferenceServerError
@@ -143,9 +143,9 @@ class AsyncInferenceClient:
     async def classify(self, model: str, images: Any, *, top_k: int = 1,
                        version: str | None = None,
                        timeout: float | None = None,  # noqa: ASYNC109 (gRPC deadline)
-                       ) -> list[list[Prediction]]:
+                       scaling: PixelScaling | None = None) -> list[list[Prediction]]:
         return await self._run(self._core.classify(model, images, top_k=top_k, version=version,
-                                                   timeout=timeout))
+                                                   timeout=timeout, scaling=scaling))
 
     async def repository_index(self, *, ready: bool = False) -> list[RepositoryModel]:
         return await self._run(self._core.repository_index(ready))

@@ -73,7 +73,21 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _connection_flags(c, timeout=30.0, retries=3)
     c.add_argument("images", nargs="+", metavar="IMAGE", type=Path, help="image files")
     c.add_argument("--top-k", type=int, default=3, help="labels per image (default 3)")
+    g = c.add_argument_group(
+        "pixel scaling", "input = (pixel * SCALE - MEAN[c]) / STD[c], for models whose "
+        "server publishes no normalisation (a flag given overrides what it publishes)")
+    g.add_argument("--scale", type=float, default=None,
+                   help="pixel multiplier (default 1/255: pixels 0..1; 1 keeps 0..255)")
+    g.add_argument("--mean", type=_floats, default=None, metavar="M1,M2,M3",
+                   help="per-channel mean subtracted after scaling (default 0)")
+    g.add_argument("--std", type=_floats, default=None, metavar="S1,S2,S3",
+                   help="per-channel divisor after the mean (default 1)")
     c.set_defaults(handler=_classify)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers, e.g. ``0.485,0.456,0.406``."""
+    return tuple(float(part) for part in text.split(","))
 
 
 def _connection(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,6 +135,7 @@ def _batch(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from cnnserve.client._infer import PixelScaling
     from cnnserve.client.errors import ImageError
     from cnnserve.client.images import load_image
     from cnnserve.client.sync import InferenceClient
@@ -140,7 +155,8 @@ def _classify(args: argparse.Namespace) -> int:
                 status = 1
         if pixels:
             results = client.classify(args.model, np.stack(pixels), top_k=args.top_k,
-                                      version=args.model_version)
+                                      version=args.model_version,
+                                      scaling=PixelScaling(args.scale, args.mean, args.std))
             for path, preds in zip(names, results, strict=True):
                 print(f"{path}: " + ", ".join(f"{p.label} {p.probability:.4f}" for p in preds))
     return status

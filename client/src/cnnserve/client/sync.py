@@ -25,7 +25,7 @@ import numpy as np
 
 from cnnserve.client._channel import TlsConfig, channel_spec
 from cnnserve.client._core import Core, Flow, Gather, Rpc, Sleep, T, rpc_error
-from cnnserve.client._infer import Prediction
+from cnnserve.client._infer import PixelScaling, Prediction
 from cnnserve.client._model import ModelInfo, ModelMetadata, RepositoryModel, ServerMetadata
 from cnnserve.client._retry import RetryPolicy, as_policy
 from cnnserve.client.errors import InferenceServerError
@@ -156,16 +156,18 @@ class InferenceClient:
 
     def classify(self, model: str, images: Any, *, top_k: int = 1,
                  version: str | None = None,
-                 timeout: float | None = None) -> list[list[Prediction]]:
+                 timeout: float | None = None,
+                 scaling: PixelScaling | None = None) -> list[list[Prediction]]:
         """Top-``top_k`` ``(label, probability)`` per image, best first.
 
         ``images``: a path, bytes, PIL image or list of them (resized and converted to the
         model's input), or uint8 pixels ``[N, C, H, W]`` / ``[C, H, W]``. They are normalised
-        with the model's own statistics. Raises :class:`~cnnserve.client.errors.ImageError`
-        for an unreadable image.
+        with the model's own statistics, or with ``scaling`` where given (a model that
+        publishes none). A model that does not batch gets one request per image. Raises
+        :class:`~cnnserve.client.errors.ImageError` for an unreadable image.
         """
         return self._run(self._core.classify(model, images, top_k=top_k, version=version,
-                                             timeout=timeout))
+                                             timeout=timeout, scaling=scaling))
 
     def repository_index(self, *, ready: bool = False) -> list[RepositoryModel]:
         """Every model version in the repository with its state (only ready ones if asked)."""

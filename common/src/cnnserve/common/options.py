@@ -29,16 +29,18 @@ _MISSING: Any = dataclasses.MISSING
 
 def option(default: Any = _MISSING, help: str = "", *, flag: str = "",
            positional: bool = False, metavar: str = "", env: bool = True,
-           default_factory: Any = _MISSING, repr: bool = True) -> Any:
+           default_factory: Any = _MISSING, repr: bool = True,
+           aliases: tuple[str, ...] = ()) -> Any:
     """A dataclass field that is also a command-line option.
 
     ``flag`` overrides the flag derived from the field name (``grpc_port`` -> ``--grpc-port``);
+    ``aliases`` are further flags for the same option (e.g. another server's spelling);
     ``positional`` makes it an argument (required unless it has a default); ``env`` False
     keeps it out of the environment (secrets on the command line are worse, paths of one run
     are no setting). ``help`` should end with the default and give units.
     """
     metadata = {"help": help, "flag": flag, "positional": positional, "metavar": metavar,
-                "env": env}
+                "env": env, "aliases": aliases}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata, repr=repr)
     return dataclasses.field(default=default, metadata=metadata, repr=repr)
@@ -141,7 +143,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str = "
                     f.name.upper().removesuffix("S") if kind.repeat else f.name.upper())
             if kind.repeat:
                 options["action"] = "append"
-        parser.add_argument(flag_of(cls, f.name), **options)
+        parser.add_argument(flag_of(cls, f.name), *f.metadata.get("aliases", ()), **options)
 
 
 def build_options(cls: type[T], flags: Mapping[str, Any], environ: Mapping[str, str] = {},

@@ -68,7 +68,8 @@ def check_model_name(name: str) -> None:
 class TensorSpec:
     """One input or output tensor.
 
-    ``shape`` includes the batch dimension first, as -1 (any batch size), e.g. [-1, 1, 28, 28].
+    ``shape`` includes the batch dimension first, as -1 (any batch size), e.g. [-1, 1, 28, 28];
+    in a model that does not batch (max_batch_size 0) it is the tensor's exact shape.
     """
 
     name: str
@@ -101,6 +102,8 @@ class VersionConfig:
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    #: Most rows one run takes; 0: the model does not batch (as Triton's 0): every request is
+    #: run alone with the tensors' exact shapes.
     max_batch_size: int = 256
     platform: str = PLATFORM
     labels: tuple[str, ...] = ()
@@ -119,8 +122,8 @@ class VersionConfig:
     def __post_init__(self) -> None:
         if not self.inputs or not self.outputs:
             raise ConfigError(f"model '{self.name}': config needs at least one input and output")
-        if self.max_batch_size < 1:
-            raise ConfigError(f"model '{self.name}': max_batch_size must be >= 1, "
+        if self.max_batch_size < 0:
+            raise ConfigError(f"model '{self.name}': max_batch_size must be >= 0, "
                               f"got {self.max_batch_size}")
         if self.platform != PLATFORM:
             raise ConfigError(f"model '{self.name}': platform '{self.platform}' is not supported; "

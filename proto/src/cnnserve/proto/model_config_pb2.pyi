@@ -207,6 +207,30 @@ class ModelInstanceGroup(_message.Message):
 Global___ModelInstanceGroup: _TypeAlias = ModelInstanceGroup  # noqa: Y015
 
 @_typing.final
+class ModelTensorReshape(_message.Message):
+    """The shape a tensor has inside the model when it differs from the shape clients use."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Shape without the batch dimension when max_batch_size > 0."""
+
+    def __init__(
+        self,
+        *,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelTensorReshape: _TypeAlias = ModelTensorReshape  # noqa: Y015
+
+@_typing.final
 class ModelInput(_message.Message):
     """One input tensor of the model."""
 
@@ -233,12 +257,17 @@ class ModelInput(_message.Message):
     DATA_TYPE_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     DIMS_FIELD_NUMBER: _builtins.int
+    RESHAPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     data_type: Global___DataType.ValueType
     format: Global___ModelInput.Format.ValueType
     @_builtins.property
     def dims(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Shape without the batch dimension when max_batch_size > 0; -1 = any size."""
+
+    @_builtins.property
+    def reshape(self) -> Global___ModelTensorReshape:
+        """The shape the model takes, when it differs from dims (same number of elements)."""
 
     def __init__(
         self,
@@ -247,10 +276,11 @@ class ModelInput(_message.Message):
         data_type: Global___DataType.ValueType = ...,
         format: Global___ModelInput.Format.ValueType = ...,
         dims: _abc.Iterable[_builtins.int] | None = ...,
+        reshape: Global___ModelTensorReshape | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reshape", b"reshape"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_type", b"data_type", "dims", b"dims", "format", b"format", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_type", b"data_type", "dims", b"dims", "format", b"format", "name", b"name", "reshape", b"reshape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -266,6 +296,7 @@ class ModelOutput(_message.Message):
     DATA_TYPE_FIELD_NUMBER: _builtins.int
     DIMS_FIELD_NUMBER: _builtins.int
     LABEL_FILENAME_FIELD_NUMBER: _builtins.int
+    RESHAPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     data_type: Global___DataType.ValueType
     label_filename: _builtins.str
@@ -274,6 +305,10 @@ class ModelOutput(_message.Message):
     def dims(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Shape without the batch dimension when max_batch_size > 0; -1 = any size."""
 
+    @_builtins.property
+    def reshape(self) -> Global___ModelTensorReshape:
+        """The shape the model produces, when it differs from dims (same number of elements)."""
+
     def __init__(
         self,
         *,
@@ -281,10 +316,11 @@ class ModelOutput(_message.Message):
         data_type: Global___DataType.ValueType = ...,
         dims: _abc.Iterable[_builtins.int] | None = ...,
         label_filename: _builtins.str = ...,
+        reshape: Global___ModelTensorReshape | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reshape", b"reshape"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_type", b"data_type", "dims", b"dims", "label_filename", b"label_filename", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_type", b"data_type", "dims", b"dims", "label_filename", b"label_filename", "name", b"name", "reshape", b"reshape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import time
@@ -21,18 +20,13 @@ from typing import Literal
 
 from cnnserve.common.datatypes import Array
 from cnnserve.common.errors import CnnserveError
-from cnnserve.common.repository import (
-    CONFIG_FILE,
-    MODEL_FILE,
-    ConfigError,
-    ModelPolicy,
-    VersionConfig,
-)
+from cnnserve.common.repository import ModelPolicy
 from cnnserve.server.batching.batcher import Batcher, BatchPolicy
+from cnnserve.server.engine.model_source import VersionSource, load_version, read_model_policy
 from cnnserve.server.engine.repository import IndexEntry, Repository
-from cnnserve.server.engine.scan import read_policy
-from cnnserve.server.errors import ModelLoadError, ServerShuttingDown, ServingError, Unsupported
-from cnnserve.server.runtime.ort import OrtRuntime, RuntimeOptions, open_runtime
+from cnnserve.server.engine.shapes import ShapedRunner
+from cnnserve.server.errors import ServerShuttingDown, ServingError, Unsupported
+from cnnserve.server.runtime.ort import OrtRuntime, RuntimeOptions
 from cnnserve.server.telemetry.metrics import Metrics
 from cnnserve.server.telemetry.statistics import BatchStats, StatsRecorder, VersionStats
 
@@ -74,15 +68,17 @@ class _Gate:
 class LoadedModel:
     """One READY model version; safe to hold across an unload (in-flight requests complete)."""
 
-    def __init__(self, config: VersionConfig, policy: ModelPolicy, version: int,
-                 runtime: OrtRuntime, batcher: Batcher, stats: StatsRecorder, gate: _Gate,
-                 metrics: Metrics) -> None:
+    def __init__(self, source: VersionSource, version: int, runtime: OrtRuntime,
+                 batcher: Batcher, stats: StatsRecorder, gate: _Gate, metrics: Metrics) -> None:
+        config = source.config
         self.name = config.name
         self.version = version
         self.version_label = str(version)  # as requests, responses and metrics carry it
         self.config = config
+        self.source = source  # where the signature and policy came from
         self.output_datatypes = {t.name: t.datatype for t in config.outputs}
-        self.policy = policy
+        self.policy = source.policy
+        self._batched = config.max_batch_size > 0
         self.providers = runtime.providers
         self.instance_count = batcher.max_running  # batches that may run at once
         self._runtime = runtime
@@ -101,7 +97,15 @@ class LoadedModel:
         """
         if self._gate.draining:
             raise ServerShuttingDown("the server is shutting down and takes no new requests")
-        return await self._batcher.submit(inputs, outputs, deadline)
+        if self._batched:
+            return await self._batcher.submit(inputs, outputs, deadline)
+        rows = {k: v[None] for k, v in inputs.items()}  # one row of a virtual batch
+        results = await self._batcher.submit(rows, outputs, deadline)
+        return {k: v[0] for k, v in results.items()}
+
+    def labels_for(self, output: str) -> tuple[str, ...]:
+        """Class labels of ``output`` for the classification extension (may be empty)."""
+        return self.source.output_labels.get(output, self.config.labels)
 
     def statistics(self) -> VersionStats:
         """Cumulative statistics since this version was loaded."""
@@ -135,7 +139,7 @@ class Engine:
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="cnnserve-load")
         self._gate = _Gate()
         policy_reader = functools.partial(
-            read_policy, max_queue_delay_us=options.max_queue_delay_us,
+            read_model_policy, max_queue_delay_us=options.max_queue_delay_us,
             max_queue_size=options.max_queue_size)
         self._repo = Repository[LoadedModel](options.repository, self._open_version,
                                              policy_reader, self._loader, metrics)
@@ -185,24 +189,20 @@ class Engine:
         where = f"model '{name}' version {version}"
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        try:
-            config = await loop.run_in_executor(self._loader, VersionConfig.load,
-                                                folder / CONFIG_FILE)
-        except ConfigError as exc:
-            raise ModelLoadError(f"{where}: {exc}") from exc
-        config = _effective_config(config, name, policy)
         opts = self._options
-        runtime_options = RuntimeOptions(policy.device or opts.device, opts.intra_op_threads,
+        runtime_options = RuntimeOptions(opts.device, opts.intra_op_threads,
                                          opts.inter_op_threads, opts.graph_optimization,
                                          opts.warmup)
-        runtime = await loop.run_in_executor(self._loader, open_runtime, folder / MODEL_FILE,
-                                             config, runtime_options, where)
+        source, runtime = await loop.run_in_executor(self._loader, load_version, name, folder,
+                                                     policy, runtime_options, where)
+        config = source.config
         batching = policy.dynamic_batching
+        # A model that does not batch runs each request alone: one row of a virtual batch.
+        limit = config.max_batch_size or 1
         batcher = Batcher(
-            runtime,
-            BatchPolicy(config.max_batch_size, batching.max_queue_delay_microseconds,
-                        tuple(b for b in batching.preferred_batch_size
-                              if b <= config.max_batch_size),
+            ShapedRunner(runtime, config, source.graph) if source.reshaped else runtime,
+            BatchPolicy(limit, batching.max_queue_delay_microseconds,
+                        tuple(b for b in batching.preferred_batch_size if b <= limit),
                         batching.max_queue_size),
             self._executor, [t.name for t in config.outputs], where=where,
             stats=(stats := StatsRecorder(name, version)),
@@ -211,9 +211,9 @@ class Engine:
         batcher.start()
         seconds = time.monotonic() - started
         self._metrics.model_loaded(name, version, seconds, runtime.providers)
-        log.info("%s loaded in %.3f s on %s", where, seconds, ", ".join(runtime.providers))
-        return LoadedModel(config, policy, version, runtime, batcher, stats, self._gate,
-                           self._metrics)
+        log.info("%s loaded in %.3f s on %s (signature from %s)", where, seconds,
+                 ", ".join(runtime.providers), source.origin)
+        return LoadedModel(source, version, runtime, batcher, stats, self._gate, self._metrics)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new requests, finish queued and running ones within ``grace_s`` seconds,
@@ -290,14 +290,3 @@ class Engine:
         else:
             models = self._repo.ready_versions(name)
         return [m.statistics() for m in models]
-
-
-def _effective_config(config: VersionConfig, name: str, policy: ModelPolicy) -> VersionConfig:
-    """config.json with the folder's name and model.json's lower max_batch_size applied."""
-    if config.name != name:
-        log.warning("config.json names model '%s' but it is served as '%s' (its folder)",
-                    config.name, name)
-    limit = config.max_batch_size
-    if policy.max_batch_size is not None:
-        limit = min(limit, policy.max_batch_size)
-    return dataclasses.replace(config, name=name, max_batch_size=limit)

@@ -21,7 +21,6 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from cnnserve.common.repository import (
     LOADING,
-    POLICY_FILE,
     READY,
     UNAVAILABLE,
     UNLOADING,
@@ -83,6 +82,7 @@ class Repository(Generic[S]):
 
     def __init__(self, root: Path, opener: Opener[S], read_policy: Callable[[Path], ModelPolicy],
                  executor: Executor, metrics: Metrics) -> None:
+        """``read_policy(model_folder)`` reads a model's serving policy (blocking)."""
         self._root = root
         self._open = opener
         self._read_policy = read_policy
@@ -120,7 +120,7 @@ class Repository(Generic[S]):
     async def _sync(self, model: _Model[S], scan: ModelScan, force: bool) -> None:
         model.scan = scan
         try:
-            policy = await self._run(self._read_policy, self._root / model.name / POLICY_FILE)
+            policy = await self._run(self._read_policy, self._root / model.name)
         except Exception as exc:  # ConfigError or OSError: keep serving what we have
             self._failed(model.name, f"model '{model.name}': {exc}")
             model.error = str(exc)

@@ -1,8 +1,10 @@
 """Reading the repository folder: fingerprints of what is on disk, policy files, selection.
 
 Everything here that touches the disk is blocking and runs in the repository's worker thread.
-A version's fingerprint is the (mtime_ns, size, inode) of its model.onnx and config.json, so
-a re-export (new files, even of the same size) reads as a change; folders whose names start
+A version's fingerprint is the (name, mtime_ns, size, inode) of every file in its folder
+(model.onnx, config.json, external data, a differently named model file), a model's that of
+every file directly in the model folder (model.json, config.pbtxt, label files), so a
+re-export (new files, even of the same size) reads as a change; folders whose names start
 with "." (export's staging folders) are never models or versions.
 """
 
@@ -14,16 +16,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cnnserve.common.repository import (
-    CONFIG_FILE,
-    MODEL_FILE,
-    POLICY_FILE,
-    ModelPolicy,
-    list_versions,
-)
+from cnnserve.common.repository import ModelPolicy, list_versions
 
-#: (mtime_ns, size, inode) of each file that defines a version; a change means "reload".
-Fingerprint = tuple[tuple[int, int, int], ...]
+#: (name, mtime_ns, size, inode) of each file that defines a version; a change means "reload".
+Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -64,12 +60,21 @@ def read_policy(path: Path, max_queue_delay_us: int | None = None,
     return replace(policy, dynamic_batching=batching)
 
 
-def _stat(path: Path) -> tuple[int, int, int]:
+def _files(folder: Path) -> Fingerprint:
+    """(name, mtime_ns, size, inode) of each plain file directly in ``folder``, by name."""
+    stats = []
     try:
-        st = path.stat()
+        entries = sorted(folder.iterdir())
     except OSError:
-        return (-1, -1, -1)
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+        return ()
+    for path in entries:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if not path.name.startswith(".") and not path.is_dir():
+            stats.append((path.name, st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(stats)
 
 
 def scan_model(root: Path, name: str) -> ModelScan | None:
@@ -77,9 +82,8 @@ def scan_model(root: Path, name: str) -> ModelScan | None:
     folder = root / name
     if name.startswith(".") or not folder.is_dir():
         return None
-    versions = {v: (_stat(folder / str(v) / MODEL_FILE), _stat(folder / str(v) / CONFIG_FILE))
-                for v in list_versions(folder)}
-    return ModelScan(name, (_stat(folder / POLICY_FILE),), versions)
+    versions = {v: _files(folder / str(v)) for v in list_versions(folder)}
+    return ModelScan(name, _files(folder), versions)
 
 
 def scan_repository(root: Path) -> dict[str, ModelScan]:

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from cnnserve.common.repository import MODEL_FILE, ModelPolicy, TensorSpec
+from cnnserve.common.repository import ModelPolicy, TensorSpec
 from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.proto import model_config_pb2 as mc
 
@@ -42,16 +42,17 @@ def model_config(model: LoadedModel) -> mc.ModelConfig:
               else mc.ModelInput.FORMAT_NONE)
     batching = policy.dynamic_batching
     gpu = CUDA_PROVIDER in model.providers
+    skip = 1 if config.max_batch_size else 0  # Triton's dims omit the batch dimension
     return mc.ModelConfig(
         name=model.name,
         platform=config.platform,
         backend=BACKEND,
         max_batch_size=config.max_batch_size,
         version_policy=version_policy(policy),
-        input=[mc.ModelInput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[1:],
+        input=[mc.ModelInput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[skip:],
                              format=layout if len(s.shape) == 4 else mc.ModelInput.FORMAT_NONE)
                for s in config.inputs],
-        output=[mc.ModelOutput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[1:])
+        output=[mc.ModelOutput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[skip:])
                 for s in config.outputs],
         dynamic_batching=mc.ModelDynamicBatching(
             preferred_batch_size=batching.preferred_batch_size,
@@ -62,7 +63,7 @@ def model_config(model: LoadedModel) -> mc.ModelConfig:
         instance_group=[mc.ModelInstanceGroup(
             name=model.name, count=model.instance_count,
             kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)],
-        default_model_filename=MODEL_FILE,
+        default_model_filename=model.source.model_file.name,
         parameters=config_parameters(model),
     )
 
@@ -73,9 +74,13 @@ def config_parameters(model: LoadedModel) -> dict[str, mc.ModelParameter]:
     ``labels`` (list of class names) and ``normalization`` ({"mean": [...], "std": [...]},
     applied as (pixel/255 - mean) / std per channel) let a client turn an image into the
     model's input and its output into class names; the protocol has no fields for them.
+    ``config_source`` says where the signature came from ("config.json", "config.pbtxt" or
+    "the graph"); config.pbtxt's own parameters are passed through.
     """
     config = model.config
-    params = {
+    params = {k: mc.ModelParameter(string_value=v) for k, v in model.source.parameters.items()}
+    params |= {
+        "config_source": mc.ModelParameter(string_value=model.source.origin),
         "execution_providers": mc.ModelParameter(string_value=",".join(model.providers)),
         "precision": mc.ModelParameter(string_value=config.precision),
     }

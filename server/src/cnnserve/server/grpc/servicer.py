@@ -158,8 +158,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 def _output(model: LoadedModel, requested: RequestedOutput,
             data: np.ndarray[Any, Any]) -> OutputTensor:
     if requested.class_count:
+        labels = model.labels_for(requested.name)
+        if model.config.max_batch_size:
+            return OutputTensor(requested.name, "BYTES",
+                                classify(data, requested.class_count, labels))
+        # A model that does not batch: the whole tensor is one item (Triton answers [k]).
         return OutputTensor(requested.name, "BYTES",
-                            classify(data, requested.class_count, model.config.labels))
+                            classify(data[None], requested.class_count, labels)[0])
     return OutputTensor(requested.name, model.output_datatypes[requested.name], data)
 
 

@@ -39,7 +39,7 @@ def validate_inputs(model: str, config: VersionConfig,
 
     Checks, in order: duplicate names, inputs the model lacks, inputs it needs but did not
     get, datatypes, rank and fixed dimensions, batch size (1..max_batch_size) and that every
-    input has the same batch size.
+    input has the same batch size (a model with max_batch_size 0 takes its exact shapes).
     """
     specs_in = config.inputs
     if len(inputs) == 1 and len(specs_in) == 1 and inputs[0].name == specs_in[0].name:
@@ -77,11 +77,14 @@ def _check_tensor(model: str, config: VersionConfig, spec: TensorSpec,
                              f"got {tensor.datatype}")
     shape = tensor.shape
     want = spec.shape
-    fits = len(shape) == len(want) and (shape[1:] == want[1:] or all(
-        w in (-1, g) for w, g in zip(want[1:], shape[1:], strict=True)))
+    first = 1 if config.max_batch_size else 0  # a model that does not batch: every dim
+    fits = len(shape) == len(want) and (shape[first:] == want[first:] or all(
+        w in (-1, g) for w, g in zip(want[first:], shape[first:], strict=True)))
     if not fits:
         raise InvalidRequest(f"{_where(model, spec)} expects shape {format_shape(spec.shape)}, "
                              f"got {format_shape(shape)}")
+    if not first:
+        return 1
     batch = shape[0]
     if batch < 1:
         raise InvalidRequest(f"{_where(model, spec)}: batch size must be at least 1, got "

@@ -1,4 +1,4 @@
-"""``cnnserve serve``: the gRPC inference server's command line.
+"""``cnnserve serve`` and ``cnnserve inspect``: the gRPC inference server's command line.
 
 Every flag has a ``CNNSERVE_*`` environment variable (listed in ``--help``); a flag wins over
 its variable, which wins over the default. The flags are generated from the fields of
@@ -32,6 +32,19 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     options.add_flags(parser, settings.Settings, env_prefix=settings.ENV_PREFIX)
     parser.set_defaults(handler=_serve)
 
+    inspect = sub.add_parser(
+        "inspect", help="show what the server would serve from a model folder or ONNX file",
+        description="Load PATH the way 'cnnserve serve' would (the same files, checks and "
+                    "warm-up, on the CPU unless the model asks for a GPU) and print each "
+                    "version's signature and batching, and where each came from: config.json, "
+                    "Triton's config.pbtxt, or derived from the ONNX graph. PATH is an ONNX "
+                    "file (described alone), a version folder, a model folder or a repository. "
+                    "Exit status 1 if anything would fail to load.")
+    inspect.add_argument("path", metavar="PATH", help="ONNX file, version, model or repository")
+    inspect.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                         help="device for models that do not choose one (default: cpu)")
+    inspect.set_defaults(handler=_inspect)
+
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
@@ -45,3 +58,12 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cnnserve.server.process.inspect import inspect_path
+    from cnnserve.server.runtime.ort import RuntimeOptions
+
+    return inspect_path(Path(args.path), RuntimeOptions(device=args.device))

@@ -35,7 +35,8 @@ class Settings:
     """Everything ``cnnserve serve`` is configured by. See each field's help for its unit."""
 
     repository: Path = option(Path("models"),
-        "model repository folder (default: models)")
+        "model repository folder: cnnserve export's layout, Triton's (config.pbtxt) or bare "
+        "ONNX files in version folders (default: models)", aliases=("--model-repository",))
     models: tuple[str, ...] = option((),
         "model to load at start; repeat for several (env: comma-separated); default: every "
         "model in the repository", flag="--model")

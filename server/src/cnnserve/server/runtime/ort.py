@@ -84,11 +84,22 @@ def select_providers(device: Device, where: str) -> list[str]:
 
 
 def open_runtime(model_path: Path, config: VersionConfig, options: RuntimeOptions,
-                 where: str) -> OrtRuntime:
+                 where: str, source: str = "config.json") -> OrtRuntime:
     """Build, check and warm up the session of ``model_path`` (blocking).
 
-    ``where`` names the model version in error messages, e.g. "model 'mnist' version 2".
-    Raises ModelLoadError with the reason.
+    ``where`` names the model version in error messages, e.g. "model 'mnist' version 2";
+    ``source`` names the file ``config`` came from. Raises ModelLoadError with the reason.
+    """
+    session = open_session(model_path, options, where)
+    return start_runtime(session, config, options, where, source)
+
+
+def open_session(model_path: Path, options: RuntimeOptions,
+                 where: str) -> ort.InferenceSession:
+    """Build the session of ``model_path`` on the device asked for (blocking).
+
+    Created from the path, so external data beside the file loads. Raises ModelLoadError
+    when the file is missing or corrupt, or CUDA was asked for and is not what it runs on.
     """
     providers = select_providers(options.device, where)
     if not model_path.is_file():
@@ -104,7 +115,14 @@ def open_runtime(model_path: Path, config: VersionConfig, options: RuntimeOption
             f"{where}: device 'cuda' was requested but the session runs on {active}: CUDA "
             "could not be initialised (see onnxruntime's log for the missing library); "
             "fix the CUDA installation or serve with device 'cpu' or 'auto'")
-    check_signature(session, config, where)
+    return session
+
+
+def start_runtime(session: ort.InferenceSession, config: VersionConfig,
+                  options: RuntimeOptions, where: str,
+                  source: str = "config.json") -> OrtRuntime:
+    """Check ``session`` against ``config`` and warm it up; raises ModelLoadError."""
+    check_signature(session, config, where, source)
     runtime = OrtRuntime(session, config)
     if options.warmup:
         warm_up(runtime, config, where)
@@ -123,22 +141,27 @@ def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
     return so
 
 
-def check_signature(session: ort.InferenceSession, config: VersionConfig, where: str) -> None:
-    """Compare the graph's inputs/outputs with config.json; raise ModelLoadError on mismatch."""
-    problems = _compare("input", session.get_inputs(), config.inputs)
-    problems += _compare("output", session.get_outputs(), config.outputs)
+def check_signature(session: ort.InferenceSession, config: VersionConfig, where: str,
+                    source: str = "config.json") -> None:
+    """Compare the graph's inputs/outputs with ``config`` (read from the file ``source``).
+
+    Raises ModelLoadError naming the graph and ``source`` on any mismatch.
+    """
+    problems = _compare("input", session.get_inputs(), config.inputs, source)
+    problems += _compare("output", session.get_outputs(), config.outputs, source)
     if problems:
-        raise ModelLoadError(f"{where}: model.onnx disagrees with config.json: "
+        raise ModelLoadError(f"{where}: the graph disagrees with {source}: "
                              + "; ".join(problems))
 
 
-def _compare(kind: str, actual: Sequence[Any], expected: Sequence[TensorSpec]) -> list[str]:
+def _compare(kind: str, actual: Sequence[Any], expected: Sequence[TensorSpec],
+             source: str) -> list[str]:
     graph = {a.name: a for a in actual}
     problems = []
     missing = [t.name for t in expected if t.name not in graph]
     extra = sorted(set(graph) - {t.name for t in expected})
     if missing or extra:
-        problems.append(f"{kind}s differ: config.json lists {[t.name for t in expected]}, "
+        problems.append(f"{kind}s differ: {source} lists {[t.name for t in expected]}, "
                         f"the graph has {sorted(graph)}")
     for spec in expected:
         node = graph.get(spec.name)
@@ -147,37 +170,64 @@ def _compare(kind: str, actual: Sequence[Any], expected: Sequence[TensorSpec]) -
         dtype = ONNX_TYPES.get(node.type, node.type)
         if dtype != spec.datatype:
             problems.append(f"{kind} '{spec.name}' is {dtype} in the graph, "
-                            f"{spec.datatype} in config.json")
+                            f"{spec.datatype} in {source}")
         dims = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape]
         if len(dims) != len(spec.shape):
             problems.append(f"{kind} '{spec.name}' has rank {len(dims)} {dims} in the graph, "
-                            f"rank {len(spec.shape)} {list(spec.shape)} in config.json")
+                            f"rank {len(spec.shape)} {list(spec.shape)} in {source}")
         elif any(g != -1 and g != c for g, c in zip(dims, spec.shape, strict=True)):
             problems.append(f"{kind} '{spec.name}' has shape {dims} in the graph, "
-                            f"{list(spec.shape)} in config.json")
+                            f"{list(spec.shape)} in {source}")
     return problems
 
 
 def warm_up(runtime: OrtRuntime, config: VersionConfig, where: str) -> None:
     """Run one batch of zeros so the first real request pays no first-run cost.
 
-    Also proves the graph actually executes; raises ModelLoadError if it does not.
+    Also proves the graph actually executes; raises ModelLoadError if it does not. A model
+    that does not batch (max_batch_size 0) gets its exact shapes (1 for a symbolic size).
     """
-    feeds = {t.name: example_input(t, rows=1) for t in config.inputs}
+    batched = config.max_batch_size > 0
+    feeds = {t.name: example_input(t, rows=1 if batched else 0) for t in config.inputs}
     try:
         outputs = runtime.run(feeds)
     except Exception as exc:
         raise ModelLoadError(f"{where}: warm-up inference failed: {exc}") from exc
-    for name, value in outputs.items():
+    for name, value in outputs.items() if batched else ():
         if value.ndim == 0 or value.shape[0] != 1:
             raise ModelLoadError(f"{where}: warm-up with 1 row returned output '{name}' of "
                                  f"shape {list(value.shape)}; the first dimension must be "
                                  "the batch")
 
 
+def check_batching(runtime: OrtRuntime, config: VersionConfig, where: str) -> None:
+    """Run 2 rows of zeros and check every output has 2 rows (blocking).
+
+    For a batch dimension taken on trust from a symbolic first dimension: a graph whose
+    symbol is something else (a sequence length, a reduced axis) fails here, at load, rather
+    than on the first merged batch. Raises ModelLoadError.
+    """
+    feeds = {t.name: example_input(t, rows=2) for t in config.inputs}
+    try:
+        outputs = runtime.run(feeds)
+    except Exception as exc:
+        raise ModelLoadError(f"{where}: a batch of 2 rows failed, so the first dimension is "
+                             f"not a batch dimension ({exc}); set max_batch_size: 0 in "
+                             "config.pbtxt") from exc
+    bad = {name: list(v.shape) for name, v in outputs.items() if v.ndim == 0 or len(v) != 2}
+    if bad:
+        raise ModelLoadError(f"{where}: a batch of 2 rows gave outputs of shapes {bad}, so the "
+                             "first dimension is not a batch dimension; set max_batch_size: 0 "
+                             "in config.pbtxt")
+
+
 def example_input(spec: TensorSpec, rows: int) -> Array:
-    """Zeros (empty strings for BYTES) of the tensor's shape with ``rows`` rows."""
-    shape = (rows, *(d if d > 0 else 1 for d in spec.shape[1:]))
+    """Zeros (empty strings for BYTES) of the tensor's shape with ``rows`` rows.
+
+    ``rows`` 0: the tensor's own shape, with no batch dimension (1 for a symbolic size).
+    """
+    tail = (d if d > 0 else 1 for d in (spec.shape if rows == 0 else spec.shape[1:]))
+    shape = (*((rows,) if rows else ()), *tail)
     if spec.datatype == "BYTES":
         return np.full(shape, "", dtype=object)
     return np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
