@@ -142,16 +142,26 @@ def test_the_runtime_serves_the_storage_initializer_layout(tmp_path: Path) -> No
         assert "cnnserve_model_state{" in running.metrics_text()
 
 
-@pytest.mark.xfail(strict=True, reason="the server reads --repository as a folder of models; "
-                   "a storageUri naming one model folder needs a single-model mode (see "
-                   "deploy/README.md, KServe): when this passes, update the runtime and docs")
-def test_a_storage_uri_naming_the_model_folder_is_not_served_yet(tmp_path: Path) -> None:
+@pytest.mark.parametrize("uri_names", ["the model folder", "the model file"])
+def test_a_storage_uri_naming_one_model_is_served_by_the_inference_service_name(
+        uri_names: str, tmp_path: Path) -> None:
+    """KServe's storage initializer puts ONE model at the mount path when the storageUri
+    names a model folder (/mnt/models/1/model.onnx) or the file itself (/mnt/models/
+    model.onnx): the runtime's unchanged arguments serve it under the InferenceService's
+    name, probes and inference included."""
     name = load_yaml(KSERVE / "inferenceservice.yaml")["metadata"]["name"]
-    write_model(tmp_path / "bucket", name)
+    version = write_model(tmp_path / "bucket", name)
     mount = tmp_path / "mnt-models"
-    shutil.copytree(tmp_path / "bucket" / name, mount)  # /mnt/models/1/model.onnx
+    if uri_names == "the model folder":
+        shutil.copytree(version.parent, mount)  # /mnt/models/1/model.onnx + config.json
+    else:
+        mount.mkdir()
+        shutil.copy(version / "model.onnx", mount / "model.onnx")  # a bare ONNX file
     container = kserve_container(runtime())
-    launch = container_command(container, {MOUNT: mount}, {}, template={"Name": name})
+    launch = container_command(container, {MOUNT: mount}, {("cnnserve-token", "token"): TOKEN},
+                               template={"Name": name, "Namespace": "default"})
     with run_server(launch, tmp_path) as running:
-        # The engine has finished starting when the port file appears: no waiting needed.
-        assert grpc_probe(running.address, "") == "SERVING"
+        wait_serving(running.address, container["readinessProbe"]["grpc"]["service"])
+        assert grpc_probe(running.address, name) == "SERVING"
+        x = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+        np.testing.assert_array_equal(infer(running.address, name, x, TOKEN), 2 * x)

@@ -22,7 +22,13 @@ from cnnserve.common.repository import (
 )
 from cnnserve.server.engine.model_source import read_model_policy
 from cnnserve.server.engine.repository import IndexEntry, Repository
-from cnnserve.server.engine.scan import read_policy, scan_model, scan_repository, select_versions
+from cnnserve.server.engine.scan import (
+    Layout,
+    read_policy,
+    scan_model,
+    scan_repository,
+    select_versions,
+)
 from cnnserve.server.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from cnnserve.server.telemetry.metrics import Metrics
 
@@ -95,11 +101,11 @@ def test_scan_ignores_dot_folders_and_fingerprints_file_changes(model_repo: Path
     (model_repo / ".tmp-export").mkdir()
     (model_repo / "m" / ".tmp-2-abc").mkdir()
     (model_repo / "m" / "notes").mkdir()
-    before = scan_repository(model_repo)
+    before = scan_repository(Layout(model_repo))
     assert list(before) == ["m"] and list(before["m"].versions) == [1]
     make_version(model_repo, "m", 1, content="a different model")
-    assert scan_model(model_repo, "m") != before["m"]
-    assert scan_model(model_repo, "absent") is None
+    assert scan_model(Layout(model_repo), "m") != before["m"]
+    assert scan_model(Layout(model_repo), "absent") is None
 
 
 @pytest.mark.parametrize(("policy", "expected"), [

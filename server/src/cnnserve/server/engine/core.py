@@ -142,7 +142,8 @@ class Engine:
             read_model_policy, max_queue_delay_us=options.max_queue_delay_us,
             max_queue_size=options.max_queue_size)
         self._repo = Repository[LoadedModel](options.repository, self._open_version,
-                                             policy_reader, self._loader, metrics)
+                                             policy_reader, self._loader, metrics,
+                                             options.models)
         self._required: set[str] = set()
         self._started = False
         self._poll_task: asyncio.Task[None] | None = None

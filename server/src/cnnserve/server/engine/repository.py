@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,14 @@ from cnnserve.common.repository import (
     ModelPolicy,
     ModelState,
 )
-from cnnserve.server.engine.scan import ModelScan, scan_model, scan_repository, select_versions
+from cnnserve.server.engine.scan import (
+    Layout,
+    ModelScan,
+    detect_layout,
+    scan_model,
+    scan_repository,
+    select_versions,
+)
 from cnnserve.server.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from cnnserve.server.telemetry.metrics import Metrics
 
@@ -81,9 +88,12 @@ class Repository(Generic[S]):
     """Records, version policy and load/unload orchestration for every model."""
 
     def __init__(self, root: Path, opener: Opener[S], read_policy: Callable[[Path], ModelPolicy],
-                 executor: Executor, metrics: Metrics) -> None:
-        """``read_policy(model_folder)`` reads a model's serving policy (blocking)."""
+                 executor: Executor, metrics: Metrics, names: Sequence[str] = ()) -> None:
+        """``read_policy(model_folder)`` reads a model's serving policy (blocking); ``names``
+        are the models asked for at start, which name a single-model root (see Layout)."""
         self._root = root
+        self._names = tuple(names)
+        self.layout = Layout(root)
         self._open = opener
         self._read_policy = read_policy
         self._executor = executor
@@ -97,7 +107,8 @@ class Repository(Generic[S]):
 
     async def rescan(self) -> dict[str, ModelScan]:
         """Scan every model folder (in the worker thread) and refresh :attr:`known`."""
-        scans = await self._run(scan_repository, self._root)
+        self.layout = await self._run(detect_layout, self._root, self._names)
+        scans = await self._run(scan_repository, self.layout)
         self.known = set(scans)
         return scans
 
@@ -108,7 +119,7 @@ class Repository(Generic[S]):
         Raises ModelNotFound (no such folder) or ModelLoadError naming every failure.
         """
         async with self._locks.setdefault(name, asyncio.Lock()):
-            scan = await self._run(scan_model, self._root, name)
+            scan = await self._run(scan_model, self.layout, name)
             if scan is None:
                 self.known.discard(name)
                 raise ModelNotFound(f"model '{name}' is not in the repository {self._root}; "
@@ -120,7 +131,7 @@ class Repository(Generic[S]):
     async def _sync(self, model: _Model[S], scan: ModelScan, force: bool) -> None:
         model.scan = scan
         try:
-            policy = await self._run(self._read_policy, self._root / model.name)
+            policy = await self._run(self._read_policy, self.layout.model_dir(model.name))
         except Exception as exc:  # ConfigError or OSError: keep serving what we have
             self._failed(model.name, f"model '{model.name}': {exc}")
             model.error = str(exc)
@@ -150,7 +161,7 @@ class Repository(Generic[S]):
                     del model.versions[v]
         if not scan.versions:
             model.error = (f"model '{model.name}' has no version folders (positive integers) "
-                           f"in {self._root / model.name}")
+                           f"in {self.layout.model_dir(model.name)}")
             failures.append(model.error)
         if failures:
             raise ModelLoadError("; ".join(failures))
@@ -167,7 +178,7 @@ class Repository(Generic[S]):
         if rec.servable is None:
             self._set(model, v, LOADING, "")
         try:
-            new = await self._open(model.name, v, self._root / model.name / str(v), policy)
+            new = await self._open(model.name, v, self.layout.version_dir(model.name, v), policy)
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
             self._failed(model.name, reason, exc_info=not isinstance(exc, ModelLoadError))

@@ -11,12 +11,12 @@ with "." (export's staging folders) are never models or versions.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cnnserve.common.repository import ModelPolicy, list_versions
+from cnnserve.common.repository import MODEL_FILE, ModelPolicy, list_versions
 
 #: (name, mtime_ns, size, inode) of each file that defines a version; a change means "reload".
 Fingerprint = tuple[tuple[str, int, int, int], ...]
@@ -77,20 +77,69 @@ def _files(folder: Path) -> Fingerprint:
     return tuple(stats)
 
 
-def scan_model(root: Path, name: str) -> ModelScan | None:
+@dataclass(frozen=True)
+class Layout:
+    """Where the models of a repository folder live.
+
+    Usually the folder holds model folders: ``root/<model>/<version>/``. KServe's storage
+    initializer instead puts ONE model at the mount path: ``root/<version>/`` when the
+    storageUri names a model folder, or ``root/model.onnx`` when it names the file itself.
+    Then the root is that model's folder (``single``: its name, from ``--model`` or else the
+    folder's own name), and a bare ``model.onnx`` at the root is its version 1 (``flat``).
+    """
+
+    root: Path
+    single: str | None = None
+    flat: bool = False
+
+    def model_dir(self, name: str) -> Path:
+        """The folder of model ``name`` (its model.json, config.pbtxt, version folders)."""
+        return self.root if self.single is not None else self.root / name
+
+    def version_dir(self, name: str, version: int) -> Path:
+        """The folder that holds version ``version`` of model ``name``."""
+        return self.root if self.flat else self.model_dir(name) / str(version)
+
+
+def detect_layout(root: Path, names: Sequence[str] = ()) -> Layout:
+    """The layout of ``root`` (blocking: lists it); ``names`` are the models asked for.
+
+    A root that holds version folders (positive integers) or a ``model.onnx`` is a single
+    model's folder, named ``names[0]`` when one name was asked for, else after the folder.
+    """
+    if not root.is_dir():
+        return Layout(root)
+    single = names[0] if len(names) == 1 else root.name
+    if list_versions(root):
+        return Layout(root, single)
+    if (root / MODEL_FILE).is_file():
+        return Layout(root, single, flat=True)
+    return Layout(root)
+
+
+def scan_model(layout: Layout, name: str) -> ModelScan | None:
     """Fingerprint one model folder (blocking); None if it does not exist."""
-    folder = root / name
+    if layout.single is not None:
+        if name != layout.single:
+            return None
+        if layout.flat:
+            files = _files(layout.root)
+            return ModelScan(name, files, {1: files})
+    folder = layout.model_dir(name)
     if name.startswith(".") or not folder.is_dir():
         return None
     versions = {v: _files(folder / str(v)) for v in list_versions(folder)}
     return ModelScan(name, _files(folder), versions)
 
 
-def scan_repository(root: Path) -> dict[str, ModelScan]:
+def scan_repository(layout: Layout) -> dict[str, ModelScan]:
     """Fingerprint every model folder (blocking); folders starting with "." are ignored."""
+    if layout.single is not None:
+        scan = scan_model(layout, layout.single)
+        return {} if scan is None else {layout.single: scan}
     scans = {}
-    for entry in sorted(root.iterdir()):
-        scan = scan_model(root, entry.name)
+    for entry in sorted(layout.root.iterdir()):
+        scan = scan_model(layout, entry.name)
         if scan is not None:
             scans[entry.name] = scan
     return scans
