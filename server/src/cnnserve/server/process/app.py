@@ -175,7 +175,15 @@ async def serve(settings: Settings) -> None:
             await grpc_server.shutdown(settings.grace_period_s)
     finally:
         metrics_http.shutdown()
+        _remove_port_file(settings)
     logger.info("stopped")
+
+
+def _remove_port_file(settings: Settings) -> None:
+    """Remove the port file on exit: a stale one would send clients to a dead port."""
+    if settings.port_file is not None:
+        with contextlib.suppress(FileNotFoundError):
+            settings.port_file.unlink()
 
 
 def _stop_event() -> asyncio.Event:
