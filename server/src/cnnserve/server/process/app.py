@@ -137,7 +137,8 @@ def engine_options(settings: Settings) -> EngineOptions:
         intra_op_threads=settings.intra_op_threads, inter_op_threads=settings.inter_op_threads,
         graph_optimization=settings.graph_optimization,
         warmup=settings.warmup, execution_workers=settings.execution_workers,
-        max_queue_delay_us=settings.max_queue_delay_us, max_queue_size=settings.max_queue_size)
+        max_queue_delay_us=settings.max_queue_delay_us, max_queue_size=settings.max_queue_size,
+        strict_readiness=settings.strict_readiness)
 
 
 async def serve(settings: Settings) -> None:
