@@ -151,7 +151,7 @@ async def serve(settings: Settings) -> None:
     from cnnserve.server.engine.core import Engine
 
     stop = _stop_event()
-    metrics = Metrics()
+    metrics = Metrics(triton_names=settings.metrics_names == "triton")
     engine = Engine(engine_options(settings), metrics)
     try:
         metrics_http, metrics_port = start_metrics_http_server(metrics, settings.host,

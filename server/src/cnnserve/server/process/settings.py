@@ -28,6 +28,7 @@ ControlMode = Literal["none", "explicit", "poll"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+MetricsNames = Literal["cnnserve", "triton"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ class Settings:
         "log line format (default: text)")
     log_level: LogLevel = option("INFO",
         "lowest level logged (default: INFO)")
+    metrics_names: MetricsNames = option("cnnserve",
+        "metric names on /metrics: cnnserve (cnnserve_*, process_*, python_*) or triton "
+        "(those and Triton's nv_inference_* names, for dashboards written for Triton) "
+        "(default: cnnserve)")
     port_file: Path | None = option(None,
         'write the bound ports as JSON {"grpc_port": N, "metrics_port": M} here once serving '
         "(useful with port 0)")
