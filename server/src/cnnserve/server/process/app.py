@@ -31,6 +31,7 @@ from cnnserve.server.grpc.health import ModelHealth
 from cnnserve.server.grpc.interceptors import ErrorMapping, TokenAuth
 from cnnserve.server.grpc.servicer import InferenceServicer
 from cnnserve.server.process.settings import Settings, flag_of
+from cnnserve.server.telemetry import tracing
 from cnnserve.server.telemetry.metrics import Metrics, start_metrics_http_server
 
 if TYPE_CHECKING:
@@ -69,7 +70,8 @@ async def create_server(engine: Engine, metrics: Metrics, settings: Settings,
     TLS when ``settings.tls_cert`` is set, mutual TLS when ``settings.tls_ca`` is too.
     Raises CnnserveError if a TLS file cannot be read or the address cannot be bound.
     """
-    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+    # Tracing first, so its span covers authentication and error mapping too.
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = tracing.interceptors()
     if settings.token is not None:
         interceptors.append(TokenAuth(settings.token))
     interceptors.append(ErrorMapping())

@@ -61,8 +61,13 @@ def _serve(args: argparse.Namespace) -> int:
     from cnnserve.server.process.app import serve
     from cnnserve.server.process.logs import configure_logging
     from cnnserve.server.process.settings import Settings
+    from cnnserve.server.telemetry import tracing
 
     settings = Settings.build(_flags(args), os.environ)
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    tracing.configure(os.environ)  # OTLP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        tracing.shutdown()  # flushes spans not yet exported
     return 0
