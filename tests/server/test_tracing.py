@@ -198,3 +198,20 @@ def test_cnnserve_serve_exports_over_otlp_when_the_endpoint_is_set(
     assert {name for name, tid in collector.spans if tid.hex() == trace_id} == {
         "ModelInfer", "queue", "batch", "onnxruntime.run", "encode"}
     assert collector.services == {"cnnserve-under-test"}
+
+
+def test_a_batch_job_run_inside_a_span_carries_its_trace_to_the_server(
+        traced_server: ServerThread, tmp_path: Path) -> None:
+    from cnnserve.client.batch.job import BatchOptions, run_batch_job
+
+    images = tmp_path / "images.npy"
+    np.save(images, (np.arange(5 * 16, dtype=np.uint8) % 255).reshape(5, 1, 4, 4))
+    with trace.get_tracer("test").start_as_current_span("nightly job") as root:
+        summary = run_batch_job(BatchOptions(url=traced_server.url, model="linear",
+                                             input=str(images),
+                                             output=str(tmp_path / "out.jsonl")))
+    assert not summary.failed
+    trace_id = root.get_span_context().trace_id
+    server_infers = [s for s in EXPORTER.get_finished_spans()
+                     if s.name == "ModelInfer" and s.kind == trace.SpanKind.SERVER]
+    assert server_infers and all(s.context.trace_id == trace_id for s in server_infers)

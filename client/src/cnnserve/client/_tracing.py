@@ -27,6 +27,9 @@ except ImportError:  # the otel extra is not installed: propagate nothing
 #: Whether the OpenTelemetry API is importable (the SDK traces its RPCs).
 AVAILABLE = _trace is not None
 INSTRUMENTATION = "cnnserve.client"
+#: A proxy until the application installs a TracerProvider, then that provider's tracer; with
+#: none installed its spans record nothing and carry only a caller's active context.
+_tracer: Any = None if _trace is None else _trace.get_tracer(INSTRUMENTATION)
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -37,8 +40,7 @@ def rpc_span(method: str, target: str) -> Iterator[Metadata]:
     if _trace is None:
         yield ()
         return
-    tracer = _trace.get_tracer(INSTRUMENTATION)
-    with tracer.start_as_current_span(
+    with _tracer.start_as_current_span(
             method, kind=_trace.SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
                         "rpc.method": method, "server.address": target}):
