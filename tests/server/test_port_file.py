@@ -15,7 +15,8 @@ def test_the_port_file_is_removed_on_exit(model_repo: Path, tmp_path: Path) -> N
     port_file = tmp_path / "ports.json"
     with running_server(model_repo, tmp_path) as server:
         ports = json.loads(port_file.read_text())
-        assert ports == {"grpc_port": server.grpc_port, "metrics_port": server.metrics_port}
+        assert ports["grpc_port"] == server.grpc_port
+        assert ports["metrics_port"] == server.metrics_port
         assert stop_process(server.process) == 0
     # A stale file would send the next client to a port nobody listens on.
     assert not port_file.exists()
