@@ -110,3 +110,35 @@ def test_triton_names_only_when_asked() -> None:
     plain = generate_latest(Metrics().registry).decode()
     assert "nv_inference" not in plain and "process_cpu_seconds_total" in plain
     assert "nv_inference_count" in generate_latest(Metrics(triton_names=True).registry).decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    return None
+
+
+def test_per_model_gauges_show_loaded_versions_and_their_state(exposition: str) -> None:
+    assert sample(exposition, "cnnserve_model_loaded_versions", model="linear") == 1.0
+    assert sample(exposition, "cnnserve_model_loaded_versions", model="broken") == 0.0
+    assert sample(exposition, "cnnserve_model_state", model="linear", version="1",
+                  state="READY") == 1.0
+    assert sample(exposition, "cnnserve_model_state", model="broken", version="1",
+                  state="UNAVAILABLE") == 1.0
+
+
+def test_triton_counts_agree_with_cnnserve_counts(exposition: str) -> None:
+    """3 good requests of 2 rows, one bad one (wrong shape) for the linear model."""
+    mv = {"model": "linear", "version": "1"}
+    assert sample(exposition, "nv_inference_request_success", **mv) == 3.0
+    assert sample(exposition, "nv_inference_request_failure", **mv) == 1.0
+    assert sample(exposition, "nv_inference_count", **mv) == \
+        sample(exposition, "cnnserve_inferences_total", **mv) == 6.0
+    assert sample(exposition, "nv_inference_exec_count", **mv) == \
+        sample(exposition, "cnnserve_executions_total", **mv)
+    compute_s = sample(exposition, "cnnserve_compute_duration_seconds_sum", **mv)
+    assert compute_s is not None
+    assert sample(exposition, "nv_inference_compute_infer_duration_us", **mv) == \
+        pytest.approx(compute_s * 1e6)
