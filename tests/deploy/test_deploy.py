@@ -82,7 +82,8 @@ def test_compose_file_is_valid_against_the_compose_spec(compose: dict[str, Any],
     assert_valid(schema_validator, interpolate(compose, {}), "with every variable unset")
     assert_valid(schema_validator, interpolate(compose, env_defaults()),
                  "with .env.example's values")
-    assert set(compose["services"]) == {"trainer", "server", "prometheus", "grafana", "batch"}
+    assert set(compose["services"]) == {"trainer", "server", "prometheus", "grafana", "batch",
+                                       "otel-collector", "jaeger"}
 
 
 def test_docker_compose_itself_accepts_the_files_where_it_is_installed() -> None:
@@ -220,7 +221,7 @@ def test_server_image_is_non_root_exec_form_and_torch_free(target: str) -> None:
     builder = stages[copy.flags["from"]]
     installs = " ".join(i.args for i in builder.all("RUN") if "pip" in i.args)
     assert "torch" not in installs and "[train]" not in installs
-    assert ('".[serve]"' if target == "server" else '".[gpu]"') in installs
+    assert ('".[serve,otel]"' if target == "server" else '".[gpu]"') in installs
     assert "-c constraints.txt" in installs
     if target == "server":
         assert stage.base.startswith("python:3.11-slim")
@@ -240,3 +241,21 @@ def test_dockerfile_copies_exist_and_survive_dockerignore() -> None:
                     assert top not in ignored, f"{name}: COPY {source} but .dockerignore drops it"
     for local_state in (".venv", ".git", "/models", "/runs"):
         assert local_state in ignored
+
+
+def test_the_tracing_profile_wires_server_collector_and_jaeger(compose: dict[str, Any]) -> None:
+    s = compose["services"]
+    assert s["otel-collector"]["profiles"] == s["jaeger"]["profiles"] == ["tracing"]
+    # Off unless asked: an empty endpoint means no exporter at all (telemetry/tracing.py).
+    assert s["server"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == \
+        "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
+    config = load_yaml(DEPLOY / "otel" / "collector.yaml")
+    (pipeline,) = config["service"]["pipelines"].values()
+    assert set(pipeline["receivers"]) <= set(config["receivers"])
+    assert set(pipeline["processors"]) <= set(config["processors"])
+    assert set(pipeline["exporters"]) <= set(config["exporters"])
+    assert config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(":4317")
+    (exporter,) = config["exporters"].values()
+    assert exporter["endpoint"] == "jaeger:4317" and "jaeger" in s["otel-collector"]["depends_on"]
+    mount = next(v for v in s["otel-collector"]["volumes"] if "collector.yaml" in v)
+    assert mount.split(":")[1] in s["otel-collector"]["command"][0]

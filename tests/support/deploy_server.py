@@ -58,16 +58,18 @@ def probe(address: str, *args: str, env: Mapping[str, str] | None = None,
 
 
 @contextlib.contextmanager
-def running_server(repository: Path, workdir: Path,
-                   extra: Sequence[str] = ()) -> Iterator[RunningServer]:
+def running_server(repository: Path, workdir: Path, extra: Sequence[str] = (), *,
+                   repository_args: Sequence[str] | None = None) -> Iterator[RunningServer]:
     """Start ``cnnserve serve`` on 127.0.0.1 port 0, wait until SERVING, SIGTERM it after.
 
+    ``repository_args`` replaces ``--repository REPOSITORY`` (e.g. Triton's spelling).
     Raises AssertionError with the server's log when it exits early or is not serving
     within 60 s.
     """
     port_file = workdir / "ports.json"
     log = workdir / "server.log"
-    cmd = [str(VENV_BIN / "cnnserve"), "serve", "--repository", str(repository),
+    where = ["--repository", str(repository)] if repository_args is None else repository_args
+    cmd = [str(VENV_BIN / "cnnserve"), "serve", *where,
            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
            "--port-file", str(port_file), *extra]
     with log.open("w") as out:

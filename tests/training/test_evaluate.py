@@ -119,3 +119,12 @@ def test_missing_onnx_file(tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match="not found"):
         evaluate_onnx(tmp_path / "model.onnx", np.zeros((1, 1, 8, 8), np.uint8), mean=(0.0,),
                       std=(1.0,))
+
+
+def test_a_dataset_with_other_classes_is_refused(trained: tuple[Checkpoint, Path]) -> None:
+    """A digits model on 8x8 synthetic patterns would score chance: refused, not reported."""
+    from cnnserve.common.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"trained on digits.*synthetic:1x8x8 has classes "
+                                         r"pattern-0"):
+        evaluate(trained[1], "synthetic:1x8x8")

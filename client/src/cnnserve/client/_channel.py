@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from cnnserve.common.errors import CnnserveError
+from cnnserve.common.errors import CnnserveError, UsageError
 
 #: Largest message either side may send, bytes: batch jobs carry many images per request and
 #: grpcio's 4 MiB default is too small for them.
@@ -83,8 +83,7 @@ def channel_spec(url: str, tls: bool | TlsConfig, token: str | None) -> ChannelS
             target = url[len(scheme):]
             use_tls = tls if tls is not False else secure
     target = target.rstrip("/")
-    if not target:
-        raise CnnserveError(f"server address {url!r} is empty; expected host:port")
+    _check_target(url, target)
     options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
     credentials = None
     if use_tls is not False:
@@ -94,3 +93,26 @@ def channel_spec(url: str, tls: bool | TlsConfig, token: str | None) -> ChannelS
             options.append(("grpc.ssl_target_name_override", config.server_name))
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     return ChannelSpec(target, credentials, tuple(options), metadata)
+
+
+#: What a gRPC address looks like, for the messages that reject another kind.
+GRPC_ADDRESS_HINT = ("a gRPC address is host:port, e.g. localhost:8001 (cnnserve serve "
+                     "--grpc-port), or grpcs://host:port for TLS")
+
+
+def _check_target(url: str, target: str) -> None:
+    """Reject an address that cannot be a gRPC server's before any connection is tried.
+
+    Raises UsageError (the CLI exits 2): an empty address, an HTTP URL (the metrics or a
+    REST endpoint), another scheme, or a path after the port.
+    """
+    if not target:
+        raise UsageError(f"server address {url!r} is empty; {GRPC_ADDRESS_HINT}")
+    scheme, sep, _ = target.partition("://")
+    if sep:
+        what = "an HTTP URL" if scheme.lower() in ("http", "https") else f"a {scheme}:// URL"
+        raise UsageError(f"server address {url!r} is {what}, not a gRPC address; "
+                         f"{GRPC_ADDRESS_HINT}")
+    if "/" in target:
+        raise UsageError(f"server address {url!r} has a path ({target[target.index('/'):]!r}); "
+                         f"{GRPC_ADDRESS_HINT}")

@@ -22,6 +22,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from cnnserve.client import _infer
+from cnnserve.client._channel import GRPC_ADDRESS_HINT
 from cnnserve.client._model import (
     ModelInfo,
     ModelMetadata,
@@ -79,9 +80,25 @@ def rpc_error(exc: grpc.RpcError, method: str, target: str) -> InferenceServerEr
     """Convert a grpcio failure (sync or aio) into the SDK's exception."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else "") or str(code.value[1])
-    if code == grpc.StatusCode.UNAVAILABLE and target not in details:
-        details = f"{details} (server {target})"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = _unavailable_details(details, target)
     return InferenceServerError(code, details, rpc=method)
+
+
+#: Marks a server that answered but speaks no gRPC: retrying cannot help (see _retry).
+NOT_GRPC = "not a gRPC server"
+
+
+def _unavailable_details(details: str, target: str) -> str:
+    """Say which address failed, and what a refused or non-gRPC port probably is."""
+    lowered = details.lower()
+    if "http/2" in lowered or "http1" in lowered or "http/1" in lowered:
+        return (f"{target} is {NOT_GRPC}: it answered plain HTTP (the metrics port, 8002 by "
+                f"default, or a REST endpoint?); {GRPC_ADDRESS_HINT} ({details})")
+    if "connection refused" in lowered:
+        return (f"connection refused by {target}: no server listens there; is `cnnserve "
+                f"serve` running with this --grpc-port? ({details})")
+    return details if target in details else f"{details} (server {target})"
 
 
 class Core:

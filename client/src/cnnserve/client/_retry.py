@@ -47,10 +47,13 @@ class RetryPolicy:
         """Whether attempt ``attempt`` (0-based) that failed with ``code`` is tried again.
 
         A message over the size limit also reads RESOURCE_EXHAUSTED, but would be refused
-        again however long the client waits, so it is not retried.
+        again however long the client waits, so it is not retried; nor is an address that
+        answers plain HTTP (UNAVAILABLE, "not a gRPC server").
         """
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in message:
             return False
+        if code == grpc.StatusCode.UNAVAILABLE and "not a gRPC server" in message:
+            return False  # an HTTP port answers the same way however long we wait
         return code in self.codes and attempt < self.retries
 
     def backoff(self, attempt: int) -> float:

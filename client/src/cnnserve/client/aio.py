@@ -27,6 +27,7 @@ from cnnserve.client._core import Core, Flow, Gather, Rpc, Sleep, T, rpc_error
 from cnnserve.client._infer import PixelScaling, Prediction
 from cnnserve.client._model import ModelInfo, ModelMetadata, RepositoryModel, ServerMetadata
 from cnnserve.client._retry import RetryPolicy, as_policy
+from cnnserve.client._tracing import rpc_span
 from cnnserve.client.errors import InferenceServerError
 from cnnserve.client.sync import DEFAULT_TIMEOUT, InferenceClient
 from cnnserve.proto import grpc_service_pb2 as pb
@@ -81,10 +82,12 @@ class AsyncInferenceClient:
     async def _step(self, step: Rpc | Sleep | Gather) -> Any:
         if isinstance(step, Rpc):
             method = getattr(self._stub, step.method)
-            try:
-                return await method(step.request, timeout=step.timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                raise rpc_error(exc, step.method, self._target) from None
+            with rpc_span(step.method, self._target) as context:
+                try:
+                    return await method(step.request, timeout=step.timeout,
+                                        metadata=self._metadata + context)
+                except grpc.RpcError as exc:
+                    raise rpc_error(exc, step.method, self._target) from None
         if isinstance(step, Sleep):
             await asyncio.sleep(step.seconds)
             return None

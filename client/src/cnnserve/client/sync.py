@@ -28,6 +28,7 @@ from cnnserve.client._core import Core, Flow, Gather, Rpc, Sleep, T, rpc_error
 from cnnserve.client._infer import PixelScaling, Prediction
 from cnnserve.client._model import ModelInfo, ModelMetadata, RepositoryModel, ServerMetadata
 from cnnserve.client._retry import RetryPolicy, as_policy
+from cnnserve.client._tracing import rpc_span
 from cnnserve.client.errors import InferenceServerError
 from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.proto import grpc_service_pb2_grpc as pb_grpc
@@ -87,10 +88,12 @@ class InferenceClient:
     def _step(self, step: Rpc | Sleep | Gather) -> Any:
         if isinstance(step, Rpc):
             method = getattr(self._stub, step.method)
-            try:
-                return method(step.request, timeout=step.timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                raise rpc_error(exc, step.method, self._target) from None
+            with rpc_span(step.method, self._target) as context:
+                try:
+                    return method(step.request, timeout=step.timeout,
+                                  metadata=self._metadata + context)
+                except grpc.RpcError as exc:
+                    raise rpc_error(exc, step.method, self._target) from None
         if isinstance(step, Sleep):
             time.sleep(step.seconds)
             return None

@@ -4,7 +4,8 @@ Each part registers its own subcommands from a ``cli`` module that imports only 
 standard library, so ``cnnserve serve`` never imports torch and ``cnnserve batch`` never
 imports torch or onnxruntime. Handlers import their heavy dependencies when they run.
 
-Exit status: 0 on success, 1 when the job failed (the message says why), 2 for a usage error.
+Exit status: 0 on success, 1 when the job failed (the message says why), 2 for a usage error
+(argparse's own, and :class:`~cnnserve.common.errors.UsageError` raised by a handler).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from cnnserve.common import __version__
-from cnnserve.common.errors import CnnserveError
+from cnnserve.common.errors import CnnserveError, UsageError
 
 # The extra that provides each part, for the message when its packages are missing.
 _EXTRA_OF_MODULE = {"torch": "train", "onnx": "train", "matplotlib": "train",
@@ -58,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code: int = args.handler(args)
+    except UsageError as exc:
+        # The command line was wrong: argparse's own usage errors exit 2 too.
+        print(f"cnnserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except CnnserveError as exc:
         print(f"cnnserve {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -8,3 +8,12 @@ class CnnserveError(Exception):
 
     The ``cnnserve`` command prints the message (no traceback) and exits with status 1.
     """
+
+
+class UsageError(CnnserveError):
+    """The command line itself was wrong: an unknown dataset, a value not among the choices,
+    an address that is no gRPC address.
+
+    The ``cnnserve`` command prints the message and exits with status 2, like argparse does
+    for the usage errors it finds itself.
+    """

@@ -28,19 +28,19 @@ _MISSING: Any = dataclasses.MISSING
 
 
 def option(default: Any = _MISSING, help: str = "", *, flag: str = "",
-           positional: bool = False, metavar: str = "", env: bool = True,
-           default_factory: Any = _MISSING, repr: bool = True,
-           aliases: tuple[str, ...] = ()) -> Any:
+           aliases: tuple[str, ...] = (), positional: bool = False, metavar: str = "",
+           env: bool = True, default_factory: Any = _MISSING, repr: bool = True) -> Any:
     """A dataclass field that is also a command-line option.
 
     ``flag`` overrides the flag derived from the field name (``grpc_port`` -> ``--grpc-port``);
-    ``aliases`` are further flags for the same option (e.g. another server's spelling);
+    ``aliases`` are further flags with the same meaning (e.g. Triton's spelling,
+    ``--model-repository``), listed beside the flag in ``--help``;
     ``positional`` makes it an argument (required unless it has a default); ``env`` False
     keeps it out of the environment (secrets on the command line are worse, paths of one run
     are no setting). ``help`` should end with the default and give units.
     """
-    metadata = {"help": help, "flag": flag, "positional": positional, "metavar": metavar,
-                "env": env, "aliases": aliases}
+    metadata = {"help": help, "flag": flag, "aliases": tuple(aliases),
+                "positional": positional, "metavar": metavar, "env": env}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata, repr=repr)
     return dataclasses.field(default=default, metadata=metadata, repr=repr)
@@ -110,11 +110,20 @@ def choices_of(cls: type, name: str) -> tuple[Any, ...]:
     return _kind(cls, name).choices
 
 
+def aliases_of(cls: type, name: str) -> tuple[str, ...]:
+    """The alias flags of field ``name`` (``option(aliases=...)``), e.g. Triton's spelling."""
+    f = cls.__dataclass_fields__[name]  # type: ignore[attr-defined]
+    return tuple(f.metadata.get("aliases", ()))
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str = "") -> None:
     """Add one flag (or positional argument) per option field of ``cls`` to ``parser``.
 
     Flags default to None ("not given") so :func:`build_options` can tell a flag from a
-    variable from a default. With ``env_prefix``, each help text names its variable.
+    variable from a default. With ``env_prefix``, each help text names its variable. A
+    field's aliases are registered as further spellings of the same flag (same destination,
+    so the last one given wins, as with a repeated flag). A boolean flag also takes an
+    explicit value, ``--x=false`` (Triton's form), besides ``--x`` and ``--no-x``.
     """
     for f in option_fields(cls):
         kind = _kind(cls, f.name)
@@ -131,19 +140,39 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str = "
                 positional.update(nargs="?", default=None)
             parser.add_argument(f.name, **positional)
             continue
-        options: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if kind.boolean:
-            options["action"] = argparse.BooleanOptionalAction
+            _add_boolean(parser, (flag_of(cls, f.name), *aliases_of(cls, f.name)), f.name,
+                         help_text)
+            continue
+        options: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text,
+                                   "type": kind.parse}
+        if kind.choices:
+            options["choices"] = kind.choices
         else:
-            options["type"] = kind.parse
-            if kind.choices:
-                options["choices"] = kind.choices
-            else:
-                options["metavar"] = f.metadata["metavar"] or (
-                    f.name.upper().removesuffix("S") if kind.repeat else f.name.upper())
-            if kind.repeat:
-                options["action"] = "append"
-        parser.add_argument(flag_of(cls, f.name), *f.metadata.get("aliases", ()), **options)
+            options["metavar"] = f.metadata["metavar"] or (
+                f.name.upper().removesuffix("S") if kind.repeat else f.name.upper())
+        if kind.repeat:
+            options["action"] = "append"
+        parser.add_argument(flag_of(cls, f.name), *aliases_of(cls, f.name), **options)
+
+
+def _bool_value(text: str) -> bool:
+    try:
+        return parse_bool(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _add_boolean(parser: argparse.ArgumentParser, flags: tuple[str, ...], dest: str,
+                 help_text: str) -> None:
+    """``--x`` (true), ``--x=VALUE`` / ``--x VALUE`` (Triton's form) and ``--no-x`` (false)."""
+    parser.add_argument(*flags, dest=dest, default=None, nargs="?", const=True,
+                        type=_bool_value, metavar="BOOL",
+                        help=f"{help_text}; --{flags[0].lstrip('-')}=false or "
+                             f"--no-{flags[0].lstrip('-')} turns it off")
+    parser.add_argument(*("--no-" + f.lstrip("-") for f in flags), dest=dest,
+                        action="store_const", const=False, default=None,
+                        help=argparse.SUPPRESS)
 
 
 def build_options(cls: type[T], flags: Mapping[str, Any], environ: Mapping[str, str] = {},

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cnnserve.cli.usage import dataset_name
 from cnnserve.common.errors import CnnserveError
 
 #: Options that make up the recipe; --resume takes them from the checkpoint instead.
@@ -63,7 +64,8 @@ def _register_train(sub: argparse._SubParsersAction[Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", metavar="NAME", help=f"{DATASET_HELP} (default: {d.dataset})")
+    data.add_argument("--dataset", metavar="NAME", type=dataset_name,
+                      help=f"{DATASET_HELP} (default: {d.dataset})")
     data.add_argument("--val-fraction", type=float, metavar="F",
                       help=f"share of the training split held out for validation "
                            f"(default: {d.val_fraction})")
@@ -123,7 +125,7 @@ def _register_evaluate(sub: argparse._SubParsersAction[Any]) -> None:
                     "labels from the config.json beside model.onnx, else from its metadata).")
     p.add_argument("model", type=Path, metavar="CHECKPOINT_OR_ONNX",
                    help="checkpoint.pt, model.onnx, or a repository version folder")
-    p.add_argument("--dataset", metavar="NAME", default=None,
+    p.add_argument("--dataset", metavar="NAME", default=None, type=dataset_name,
                    help=f"{DATASET_HELP} (default: the model's training dataset)")
     p.add_argument("--split", choices=("train", "val", "test"), default="test",
                    help="which split (default: test, the official test set)")

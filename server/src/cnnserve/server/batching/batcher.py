@@ -42,6 +42,7 @@ from cnnserve.server.errors import (
     ServerShuttingDown,
     ServingError,
 )
+from cnnserve.server.telemetry import tracing
 from cnnserve.server.telemetry.metrics import VersionMetrics
 from cnnserve.server.telemetry.statistics import BatchTimings, StatsRecorder
 
@@ -137,6 +138,8 @@ class Batcher:
                                      f"{list(self._outputs)}")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         request = QueuedRequest(inputs, outputs, rows, future, deadline)
+        if tracing.TRACING_ENABLED:
+            request.trace = tracing.request_trace(request.arrival_ns)
         if deadline is not None and deadline <= request.arrival:
             self._stats.record_failure(0)
             raise DeadlineExceeded(f"{self._where}: the deadline had passed on arrival")
@@ -239,6 +242,8 @@ class Batcher:
             queued_ns = now_ns - request.arrival_ns
             self._stats.record_queue(queued_ns)
             self._metrics.queue_duration.observe(queued_ns / 1e9)
+            if request.trace is not None:
+                tracing.dispatched(request.trace, now_ns)
             live.append(request)
         if not live:
             return
@@ -272,6 +277,8 @@ class Batcher:
         rows = sum(r.rows for r in live)
         self._stats.record_execution(rows, len(live), timings)
         self._metrics.execution(rows, timings.infer_ns / 1e9)
+        if tracing.TRACING_ENABLED:
+            tracing.batch_finished(live, batch_id, rows, timings)
         for request, result in zip(live, results, strict=True):
             if not request.future.done():
                 request.future.set_result(result)

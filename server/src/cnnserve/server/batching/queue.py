@@ -16,9 +16,13 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cnnserve.common.datatypes import Array
 from cnnserve.server.errors import DeadlineExceeded
+
+if TYPE_CHECKING:
+    from cnnserve.server.telemetry.tracing import RequestTrace
 
 Result = dict[str, Array]
 
@@ -37,7 +41,7 @@ class QueuedRequest:
     """One request on its way through the batcher (slotted: one is built per request)."""
 
     __slots__ = ("arrival", "arrival_ns", "deadline", "future", "inputs", "outputs", "queued",
-                 "rows")
+                 "rows", "trace")
 
     def __init__(self, inputs: Mapping[str, Array], outputs: Sequence[str], rows: int,
                  future: asyncio.Future[Result], deadline: float | None) -> None:
@@ -49,6 +53,7 @@ class QueuedRequest:
         self.arrival_ns = time.monotonic_ns()
         self.arrival = self.arrival_ns / 1e9  # the same clock as time.monotonic()
         self.queued = False  # in a RequestQueue (not yet taken, expired or cancelled)
+        self.trace: RequestTrace | None = None  # set only while tracing is on (tracing.py)
 
 
 class RequestQueue:

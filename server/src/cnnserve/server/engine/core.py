@@ -57,6 +57,9 @@ class EngineOptions:
     #: Server-wide batching defaults for models whose model.json does not set them.
     max_queue_delay_us: int | None = None
     max_queue_size: int | None = None
+    #: Server readiness requires every model asked for at start to be READY (Triton's
+    #: --strict-readiness); False: ready once started and not draining.
+    strict_readiness: bool = True
 
 
 class _Gate:
@@ -239,9 +242,11 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        """Started, not draining, and every model asked for at start has a READY version."""
+        """Started, not draining, and (strict readiness) every model asked for at start has a
+        READY version."""
         return (self._started and not self._gate.draining
-                and all(self._repo.has_ready(n) for n in self._required))
+                and (not self._options.strict_readiness
+                     or all(self._repo.has_ready(n) for n in self._required)))
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The READY model version ("" = newest READY allowed by the policy).

@@ -27,6 +27,7 @@ from cnnserve.common.errors import CnnserveError
 from cnnserve.common.files import write_atomically
 from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.proto import grpc_service_pb2_grpc as pb_grpc
+from cnnserve.server.grpc import tracing as grpc_tracing
 from cnnserve.server.grpc.health import ModelHealth
 from cnnserve.server.grpc.interceptors import ErrorMapping, TokenAuth
 from cnnserve.server.grpc.servicer import InferenceServicer
@@ -69,7 +70,8 @@ async def create_server(engine: Engine, metrics: Metrics, settings: Settings,
     TLS when ``settings.tls_cert`` is set, mutual TLS when ``settings.tls_ca`` is too.
     Raises CnnserveError if a TLS file cannot be read or the address cannot be bound.
     """
-    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+    # Tracing first, so its span covers authentication and error mapping too.
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = grpc_tracing.interceptors()
     if settings.token is not None:
         interceptors.append(TokenAuth(settings.token))
     interceptors.append(ErrorMapping())
@@ -137,7 +139,8 @@ def engine_options(settings: Settings) -> EngineOptions:
         intra_op_threads=settings.intra_op_threads, inter_op_threads=settings.inter_op_threads,
         graph_optimization=settings.graph_optimization,
         warmup=settings.warmup, execution_workers=settings.execution_workers,
-        max_queue_delay_us=settings.max_queue_delay_us, max_queue_size=settings.max_queue_size)
+        max_queue_delay_us=settings.max_queue_delay_us, max_queue_size=settings.max_queue_size,
+        strict_readiness=settings.strict_readiness)
 
 
 async def serve(settings: Settings) -> None:
@@ -150,7 +153,7 @@ async def serve(settings: Settings) -> None:
     from cnnserve.server.engine.core import Engine
 
     stop = _stop_event()
-    metrics = Metrics()
+    metrics = Metrics(triton_names=settings.metrics_names == "triton")
     engine = Engine(engine_options(settings), metrics)
     try:
         metrics_http, metrics_port = start_metrics_http_server(metrics, settings.host,
@@ -175,7 +178,15 @@ async def serve(settings: Settings) -> None:
             await grpc_server.shutdown(settings.grace_period_s)
     finally:
         metrics_http.shutdown()
+        _remove_port_file(settings)
     logger.info("stopped")
+
+
+def _remove_port_file(settings: Settings) -> None:
+    """Remove the port file on exit: a stale one would send clients to a dead port."""
+    if settings.port_file is not None:
+        with contextlib.suppress(FileNotFoundError):
+            settings.port_file.unlink()
 
 
 def _stop_event() -> asyncio.Event:

@@ -9,6 +9,7 @@ the server (grpcio, onnxruntime) only when it runs.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 _DESCRIPTION = """\
@@ -22,14 +23,20 @@ refused, queued and in-flight requests finish within --grace-period, then it exi
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add the ``serve`` subcommand to the ``cnnserve`` parser."""
     from cnnserve.common import options  # standard library only
-    from cnnserve.server.process import settings  # standard library only
+    from cnnserve.server.process import settings, triton_flags  # standard library only
 
     parser = sub.add_parser(
         "serve", help="serve models over gRPC (KServe v2 / Triton protocol)",
         description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Each flag's environment variable is shown as [env NAME]; flags win over "
-               "variables.")
+               "variables. Triton's spellings of the same settings are accepted beside each "
+               "flag; other tritonserver flags (--backend-config, --log-verbose, ...) are "
+               "refused with what to use instead.")
     options.add_flags(parser, settings.Settings, env_prefix=settings.ENV_PREFIX)
+    # `cnnserve serve models`, as `tritonserver` users and `python -m http.server` habits have it.
+    parser.add_argument("repository_dir", nargs="?", type=Path, metavar="REPOSITORY",
+                        help="model repository folder (same as --repository)")
+    triton_flags.add_unsupported(parser)
     parser.set_defaults(handler=_serve)
 
     inspect = sub.add_parser(
@@ -46,6 +53,20 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     inspect.set_defaults(handler=_inspect)
 
 
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags, the positional repository merged into ``repository``."""
+    from cnnserve.common.errors import UsageError
+
+    flags = vars(args).copy()
+    positional = flags.pop("repository_dir", None)
+    if positional is not None:
+        if flags.get("repository") not in (None, positional):
+            raise UsageError(f"two repositories given: {positional} and --repository "
+                             f"{flags['repository']}; give one")
+        flags["repository"] = positional
+    return flags
+
+
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import os
@@ -53,10 +74,15 @@ def _serve(args: argparse.Namespace) -> int:
     from cnnserve.server.process.app import serve
     from cnnserve.server.process.logs import configure_logging
     from cnnserve.server.process.settings import Settings
+    from cnnserve.server.telemetry import tracing
 
-    settings = Settings.build(vars(args), os.environ)
+    settings = Settings.build(_flags(args), os.environ)
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    tracing.configure(os.environ)  # OTLP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        tracing.shutdown()  # flushes spans not yet exported
     return 0
 
 

@@ -28,6 +28,7 @@ ControlMode = Literal["none", "explicit", "poll"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+MetricsNames = Literal["cnnserve", "triton"]
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,11 @@ class Settings:
 
     repository: Path = option(Path("models"),
         "model repository folder: cnnserve export's layout, Triton's (config.pbtxt) or bare "
-        "ONNX files in version folders (default: models)", aliases=("--model-repository",))
+        "ONNX files in version folders; also the positional argument (default: models)",
+        aliases=("--model-repository",))
     models: tuple[str, ...] = option((),
         "model to load at start; repeat for several (env: comma-separated); default: every "
-        "model in the repository", flag="--model")
+        "model in the repository", flag="--model", aliases=("--load-model",))
     host: str = option("0.0.0.0",
         "address the gRPC and metrics servers bind (default: 0.0.0.0)")
     grpc_port: int = option(8001,
@@ -50,9 +52,10 @@ class Settings:
         "default execution provider; a model's model.json overrides it (default: cpu)")
     control_mode: ControlMode = option("none",
         "none: load all at start; explicit: load/unload by RPC only; poll: like none and "
-        "rescan the repository (default: none)")
+        "rescan the repository (default: none)", aliases=("--model-control-mode",))
     poll_interval_s: float = option(5.0,
-        "seconds between repository scans in poll mode (default: 5)", flag="--poll-interval")
+        "seconds between repository scans in poll mode (default: 5)", flag="--poll-interval",
+        aliases=("--repository-poll-secs",))
     intra_op_threads: int = option(1,
         "ONNX Runtime intra-op threads per session; 0 = its default, one per core. 1 costs "
         "the least CPU per image: batches are spread over the execution workers instead "
@@ -67,6 +70,9 @@ class Settings:
         "ONNX Runtime graph optimisation level (default: all)")
     warmup: bool = option(True,
         "run each model once before it is READY (default: on)")
+    strict_readiness: bool = option(True,
+        "server readiness (ServerReady, overall health) requires every model asked for at "
+        "start to be READY; off: ready as soon as started (default: on)")
     max_queue_delay_us: int | None = option(None,
         "longest a request waits for a batch to fill, microseconds, for models whose "
         "model.json sets none (default: model.json's value)")
@@ -75,7 +81,7 @@ class Settings:
         "model.json sets none (default: model.json's value)")
     grace_period_s: float = option(20.0,
         "seconds queued and in-flight requests get to finish on SIGTERM/SIGINT (default: 20)",
-        flag="--grace-period")
+        flag="--grace-period", aliases=("--exit-timeout-secs",))
     tls_cert: Path | None = option(None,
         "PEM server certificate; enables TLS (with --tls-key)")
     tls_key: Path | None = option(None,
@@ -92,6 +98,10 @@ class Settings:
         "log line format (default: text)")
     log_level: LogLevel = option("INFO",
         "lowest level logged (default: INFO)")
+    metrics_names: MetricsNames = option("cnnserve",
+        "metric names on /metrics: cnnserve (cnnserve_*, process_*, python_*) or triton "
+        "(those and Triton's nv_inference_* names, for dashboards written for Triton) "
+        "(default: cnnserve)")
     port_file: Path | None = option(None,
         'write the bound ports as JSON {"grpc_port": N, "metrics_port": M} here once serving '
         "(useful with port 0)")

@@ -77,6 +77,10 @@ class LoopFamily:
         assert isinstance(child, LoopHistogram)
         return child
 
+    def children(self) -> list[tuple[tuple[str, ...], LoopCounter | LoopHistogram]]:
+        """A copy of (label values, child) pairs (safe from the scrape thread)."""
+        return list(self._children.items())
+
     def _child(self, values: tuple[str, ...]) -> LoopCounter | LoopHistogram:
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")

@@ -13,7 +13,16 @@ from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 
 from cnnserve.common.repository import MODEL_STATES
 from cnnserve.server.telemetry.loop_metrics import LoopCollector, LoopCounter, LoopHistogram
@@ -78,11 +87,24 @@ class _RequestSeries:
 
 
 class Metrics:
-    """All cnnserve series, registered in ``registry`` (a new private one by default)."""
+    """All cnnserve series, registered in ``registry`` (a new private one by default).
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    Besides cnnserve's own series the registry holds the standard ``process_*`` and
+    ``python_*`` ones (CPU, memory, file descriptors, garbage collections); with
+    ``triton_names`` also Triton's ``nv_inference_*`` names (triton_metrics.py).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 triton_names: bool = False) -> None:
+        # A ``*_created`` series per counter and histogram doubles the exposition and no
+        # dashboard reads it. prometheus_client's switch is process-wide (it only affects
+        # this process's metrics, which are all cnnserve's).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         # Series updated per request or per batch, only ever from the event loop: kept
         # without locks (loop_metrics.py).
         hot = LoopCollector(r)
@@ -117,6 +139,10 @@ class Metrics:
         self.model_state = Gauge("cnnserve_model_state",
                                  "1 for the version's current state, 0 for the others.",
                                  (*_MV, "state"), registry=r)
+        self.loaded_versions = Gauge("cnnserve_model_loaded_versions",
+                                     "Versions of the model that are READY.", ("model",),
+                                     registry=r)
+        self._states: dict[tuple[str, str], str] = {}
         # Sessions per (model, version, provider): a version reloaded in place has two for a
         # moment, and closing the old one must not zero the provider of the new one.
         self._sessions: dict[tuple[str, str, str], int] = {}
@@ -125,6 +151,10 @@ class Metrics:
                                         (*_MV, "provider"), registry=r)
         self._request_series: dict[tuple[str, str], _RequestSeries] = {}
         self._queues: dict[tuple[str, str], list[Sized]] = {}
+        if triton_names:
+            from cnnserve.server.telemetry.triton_metrics import TritonCollector
+
+            r.register(TritonCollector(self))
 
     # -- called by the wire layer, from the event loop only (the in-flight count is a plain
     # int the gauge reads when scraped) ---------------------------------------------------
@@ -177,6 +207,9 @@ class Metrics:
         """Mark ``state`` (one of MODEL_STATES) as the version's current state."""
         for s in MODEL_STATES:
             self.model_state.labels(model, str(version), s).set(1.0 if s == state else 0.0)
+        self._states[(model, str(version))] = state
+        self.loaded_versions.labels(model).set(float(sum(
+            1 for (m, _), st in list(self._states.items()) if m == model and st == "READY")))
 
     def model_loaded(self, model: str, version: int, seconds: float,
                      providers: Iterable[str]) -> None:
@@ -198,6 +231,31 @@ class Metrics:
     def load_failed(self, model: str) -> None:
         """A version (or the model's model.json) of ``model`` failed to load."""
         self.load_failures.labels(model).inc()
+
+    # -- read when scraped (the Triton names are derived from these) ----------------------
+    def failure_totals(self) -> dict[tuple[str, ...], float]:
+        """Failed requests per (model, version), all reasons together."""
+        totals: dict[tuple[str, ...], float] = {}
+        for family in self.request_failures.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = (sample.labels["model"], sample.labels["version"])
+                    totals[key] = totals.get(key, 0.0) + sample.value
+        return totals
+
+    def inflight_counts(self) -> dict[tuple[str, ...], float]:
+        """Requests received and not yet answered, per (model, version)."""
+        return {k: float(s.inflight) for k, s in list(self._request_series.items())}
+
+    def queue_depths(self) -> dict[tuple[str, ...], float]:
+        """Requests waiting in the batcher queues, per (model, version)."""
+        return {k: float(sum(len(q) for q in list(queues)))
+                for k, queues in list(self._queues.items())}
+
+    def load_durations(self) -> dict[tuple[str, ...], float]:
+        """Seconds the last load of each (model, version) took."""
+        return {(s.labels["model"], s.labels["version"]): s.value
+                for family in self.load_duration.collect() for s in family.samples}
 
 
 class MetricsHttpServer:

@@ -185,7 +185,14 @@ def evaluate(path: Path, dataset: str | None = None, split: str = "test", *,
     name = dataset or default_ds
     if not name:
         raise EvaluationError(f"{path} does not record its dataset; pass --dataset")
-    data = load_split(name, split, seed=seed, download=download)
+    if default_ds and name != default_ds and labels:
+        # Another dataset with other classes would score chance (9% for Fashion-MNIST on
+        # MNIST) and look like a broken model: refuse, naming both class lists.
+        shape = (tuple(ckpt.input_shape) if not onnx
+                 else tuple(_session(_onnx_path(path)).get_inputs()[0].shape[1:]))
+        data = _split_of_matching(path, labels, shape, default_ds, name, split, seed, download)
+    else:
+        data = load_split(name, split, seed=seed, download=download)
     started = time.monotonic()
     preds = (evaluate_onnx(path, data.images, batch_size) if onnx
              else evaluate_checkpoint(ckpt, data.images, batch_size))
@@ -197,6 +204,31 @@ def evaluate(path: Path, dataset: str | None = None, split: str = "test", *,
     accuracy = float((preds == data.labels).mean()) if len(preds) else 0.0
     return Evaluation(str(path), "onnx" if onnx else "checkpoint", name, split, len(preds),
                       accuracy, names, per_class_accuracy(cm), cm, seconds)
+
+
+def _split_of_matching(path: Path, labels: Sequence[str], shape: tuple[Any, ...],
+                       trained_on: str, name: str, split: str, seed: int,
+                       download: bool) -> Any:
+    """``split`` of dataset ``name``; raises UsageError when its classes are not ``labels``
+    (images of another ``shape`` are left to the shape check, whose message is plainer)."""
+    from cnnserve.common.data.datasets import SPLITS, DatasetError, load_dataset
+    from cnnserve.common.errors import UsageError
+
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    ds = load_dataset(name, seed=seed, download=download)
+    same_shape = tuple(ds.test.images.shape[1:]) == shape
+    if same_shape and tuple(ds.class_names) != tuple(labels):
+        raise UsageError(
+            f"{path} was trained on {trained_on} (classes {_short(labels)}) but {name} has "
+            f"classes {_short(ds.class_names)}: its accuracy there would be meaningless; "
+            f"evaluate on --dataset {trained_on} or a dataset with the same classes")
+    return {"train": ds.train, "val": ds.val, "test": ds.test}[split]
+
+
+def _short(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:4])
+    return f"{shown}, ... ({len(names)})" if len(names) > 4 else shown
 
 
 def _onnx_dataset(path: Path) -> str:
