@@ -27,11 +27,18 @@ from cnnserve.common.repository import (
     ConfigError,
     ModelPolicy,
     VersionConfig,
+    check_model_name,
 )
 from cnnserve.server.batching.batcher import Batcher, BatchPolicy
 from cnnserve.server.engine.repository import IndexEntry, Repository
 from cnnserve.server.engine.scan import read_policy
-from cnnserve.server.errors import ModelLoadError, ServerShuttingDown, ServingError, Unsupported
+from cnnserve.server.errors import (
+    InvalidRequest,
+    ModelLoadError,
+    ServerShuttingDown,
+    ServingError,
+    Unsupported,
+)
 from cnnserve.server.runtime.ort import OrtRuntime, RuntimeOptions, open_runtime
 from cnnserve.server.telemetry.metrics import Metrics
 from cnnserve.server.telemetry.statistics import BatchStats, StatsRecorder, VersionStats
@@ -82,6 +89,8 @@ class LoadedModel:
         self.version_label = str(version)  # as requests, responses and metrics carry it
         self.config = config
         self.output_datatypes = {t.name: t.datatype for t in config.outputs}
+        #: Whether an input is BYTES (decoded element by element, so off the event loop).
+        self.bytes_inputs = any(t.datatype == "BYTES" for t in config.inputs)
         self.policy = policy
         self.providers = runtime.providers
         self.instance_count = batcher.max_running  # batches that may run at once
@@ -166,9 +175,9 @@ class Engine:
 
     async def _load_reported(self, name: str) -> None:
         try:
-            await self._repo.load(name)
+            await self._repo.load(checked(name)[0])
         except ServingError as exc:
-            log.error("model '%s' is not ready: %s", name, exc)
+            log.error("model %r is not ready: %s", name, exc)
 
     async def _poll_forever(self) -> None:
         wanted = set(self._options.models)
@@ -245,15 +254,16 @@ class Engine:
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The READY model version ("" = newest READY allowed by the policy).
 
-        Raises ModelNotFound (unknown model or version; lists what exists) or ModelNotReady
-        (loading, failed or unloaded; says why).
+        Raises InvalidRequest (a name that is not a model folder name, a version that is not
+        ASCII digits), ModelNotFound (unknown model or version; lists what exists) or
+        ModelNotReady (loading, failed or unloaded; says why).
         """
-        return self._repo.lookup(name, version)
+        return self._repo.lookup(*checked(name, version))
 
     def is_ready(self, name: str, version: str = "") -> bool:
         """Whether :meth:`get` would return a model."""
         with contextlib.suppress(ServingError):
-            self._repo.lookup(name, version)
+            self._repo.lookup(*checked(name, version))
             return True
         return False
 
@@ -268,12 +278,12 @@ class Engine:
         serving keep serving and ModelLoadError says why. Raises ModelNotFound, Unsupported.
         """
         self._check_control("load")
-        await self._repo.load(name)
+        await self._repo.load(checked(name)[0])
 
     async def unload(self, name: str) -> None:
         """Retire every version of ``name``; requests in flight on it complete."""
         self._check_control("unload")
-        await self._repo.unload(name)
+        await self._repo.unload(checked(name)[0])
 
     def _check_control(self, action: str) -> None:
         mode = self._options.control_mode
@@ -288,8 +298,28 @@ class Engine:
         elif version:
             models = [self.get(name, version)]
         else:
-            models = self._repo.ready_versions(name)
+            models = self._repo.ready_versions(checked(name)[0])
         return [m.statistics() for m in models]
+
+
+def checked(name: str, version: str = "") -> tuple[str, str]:
+    """``(name, version)`` once both are well-formed: the one check every RPC's names pass.
+
+    A model name is one folder name of the repository (common.repository.MODEL_NAME: no path
+    separator, no "..", never ""), so no name reaches the filesystem as a path and no alias
+    of a model ("m/.", "./m") loads a second copy. A version is "" (newest) or ASCII digits
+    ("²".isdigit() is true, but int() refuses it). Raises InvalidRequest; its message quotes
+    at most 64 characters of the name and says nothing about the filesystem.
+    """
+    try:
+        check_model_name(name)
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if version and not (version.isascii() and version.isdigit()):
+        shown = version if len(version) <= 20 else version[:20] + "..."
+        raise InvalidRequest(f"model version {shown!r} is not allowed: use \"\" (the newest) "
+                             "or a positive integer in ASCII digits")
+    return name, version
 
 
 def _effective_config(config: VersionConfig, name: str, policy: ModelPolicy) -> VersionConfig:

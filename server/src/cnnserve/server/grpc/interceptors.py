@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +70,7 @@ class ErrorMapping(Interceptor):
         if inspect.iscoroutinefunction(handler.unary_unary):
             wrapped = grpc.unary_unary_rpc_method_handler(
                 _mapped(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         self._wrapped[method] = wrapped
         return wrapped
@@ -78,16 +79,69 @@ class ErrorMapping(Interceptor):
 def _mapped(behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
             method: str) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if request is UNDECODABLE:
+            _log_undecodable(method)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request body is not a valid {_message_of(method)} "
+                                "message (protocol buffers)")
         try:
             return await behavior(request, context)
         except ServingError as exc:
-            await context.abort(grpc_status(exc), str(exc))
+            code, message = grpc_status(exc), str(exc)
         except grpc.aio.AbortError:
             raise  # the handler chose its own status
         except Exception:
             logger.exception("unexpected error in %s", method)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+            code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+        # Abort outside the except block, with this frame no longer holding the request: the
+        # AbortError's traceback holds this frame, and grpc keeps the error in a reference
+        # cycle; chained to the domain error (whose traceback holds the servicer's frame) it
+        # kept every failed request, however large, alive until the next GC pass.
+        del request
+        await context.abort(code, message)
     return call
+
+
+class _Undecodable:
+    """The request of a call whose body did not parse (see :func:`tolerant`)."""
+
+    __slots__ = ()
+
+
+#: Passed to the handler in place of a request whose body is not a valid message, so it
+#: is answered INVALID_ARGUMENT instead of grpc's UNKNOWN plus a traceback in the log.
+UNDECODABLE = _Undecodable()
+_last_undecodable_log = [0.0]
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer``, returning :data:`UNDECODABLE` instead of raising for a bad body."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception:  # DecodeError, or anything else a hostile body provokes
+            return UNDECODABLE
+    return deserialize
+
+
+def _log_undecodable(method: str) -> None:
+    """One short line at most every 10 s: garbage must not flood the log."""
+    now = time.monotonic()
+    if now - _last_undecodable_log[0] >= 10.0:
+        _last_undecodable_log[0] = now
+        logger.warning("refused an undecodable request body for %s (logged at most every "
+                       "10 s)", method)
+    else:
+        logger.debug("refused an undecodable request body for %s", method)
+
+
+def _message_of(method: str) -> str:
+    """``ModelInferRequest`` for ``/inference.GRPCInferenceService/ModelInfer``."""
+    return method.rsplit("/", 1)[-1] + "Request"
 
 
 class TokenAuth(Interceptor):
@@ -119,21 +173,27 @@ class TokenAuth(Interceptor):
 
 
 def _refusal(handler: Handler) -> Handler:
-    """A handler of the same streaming kind as ``handler`` that answers UNAUTHENTICATED."""
-    async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """A handler for ``handler``'s method that answers UNAUTHENTICATED without reading.
+
+    It is a request-streaming handler whatever the method's kind (the wire format is the
+    same): grpc runs it before any message arrives, while a unary handler runs only once the
+    whole body has been received, and its deserializer parses nothing. An unauthenticated
+    200 MiB request so costs no more than a small one.
+    """
+    async def refuse(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc_status(Unauthenticated()),
                             "missing or invalid bearer token: send metadata "
                             "'authorization: Bearer <token>'")
 
-    serde = {"request_deserializer": handler.request_deserializer,
-             "response_serializer": handler.response_serializer}
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse, **serde)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, **serde)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse, **serde)
-    return grpc.unary_unary_rpc_method_handler(refuse, **serde)
+        return grpc.stream_stream_rpc_method_handler(
+            refuse, request_deserializer=_unread, response_serializer=handler.response_serializer)
+    return grpc.stream_unary_rpc_method_handler(
+        refuse, request_deserializer=_unread, response_serializer=handler.response_serializer)
+
+
+def _unread(_data: bytes) -> None:
+    """The deserializer of refused calls: the body is never parsed."""
 
 
 def grpc_status(error: ServingError) -> grpc.StatusCode:
