@@ -261,9 +261,10 @@ class Engine:
         return self._repo.lookup(*checked(name, version))
 
     def is_ready(self, name: str, version: str = "") -> bool:
-        """Whether :meth:`get` would return a model."""
+        """Whether :meth:`get` would return a model; InvalidRequest for a malformed name."""
+        checked(name, version)
         with contextlib.suppress(ServingError):
-            self._repo.lookup(*checked(name, version))
+            self._repo.lookup(name, version)
             return True
         return False
 
@@ -277,13 +278,15 @@ class Engine:
         New versions are warmed up before they take traffic; if one fails, the versions
         serving keep serving and ModelLoadError says why. Raises ModelNotFound, Unsupported.
         """
+        checked(name)
         self._check_control("load")
-        await self._repo.load(checked(name)[0])
+        await self._repo.load(name)
 
     async def unload(self, name: str) -> None:
         """Retire every version of ``name``; requests in flight on it complete."""
+        checked(name)
         self._check_control("unload")
-        await self._repo.unload(checked(name)[0])
+        await self._repo.unload(name)
 
     def _check_control(self, action: str) -> None:
         mode = self._options.control_mode
