@@ -153,8 +153,9 @@ async def serve(settings: Settings) -> None:
     metrics = Metrics()
     engine = Engine(engine_options(settings), metrics)
     try:
-        metrics_http, metrics_port = start_metrics_http_server(metrics, settings.host,
-                                                               settings.metrics_port)
+        metrics_http, metrics_port = start_metrics_http_server(
+            metrics, settings.host, settings.metrics_port, tls_cert=settings.metrics_tls_cert,
+            tls_key=settings.metrics_tls_key, token=settings.metrics_token)
     except OSError as exc:
         where = _join(settings.host, settings.metrics_port)
         raise CnnserveError(f"cannot serve metrics on {where}: {exc.strerror}") from exc
@@ -211,6 +212,8 @@ def _announce(settings: Settings, port: int, metrics_port: int) -> None:
     if settings.port_file is not None:
         write_atomically(settings.port_file,
                          json.dumps({"grpc_port": port, "metrics_port": metrics_port}) + "\n")
-    logger.info("serving gRPC on %s (%s), metrics on http://%s/metrics",
-                _join(settings.host, port), security, _join(settings.host, metrics_port),
+    scheme = "https" if settings.metrics_tls_cert else "http"
+    logger.info("serving gRPC on %s (%s), metrics on %s://%s/metrics%s",
+                _join(settings.host, port), security, scheme, _join(settings.host, metrics_port),
+                " (bearer token)" if settings.metrics_token else "",
                 extra={"grpc_port": port, "metrics_port": metrics_port})
