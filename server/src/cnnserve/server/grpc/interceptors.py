@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc.aio import ServerInterceptor
 
-from cnnserve.server.errors import ServingError, Unauthenticated
+from cnnserve.server.errors import ServingError
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +50,22 @@ INTERNAL_MESSAGE = "internal server error"
 
 
 class ErrorMapping(Interceptor):
-    """Map ServingError to its status and hide unexpected errors behind INTERNAL."""
+    """Map ServingError to its status and hide unexpected errors behind INTERNAL; refuse
+    everything but health UNAVAILABLE once ``gate`` is closed."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate: ShutdownGate | None = None) -> None:
         # Handlers never change while the server runs; wrapping each once keeps the per-call
         # cost to one dictionary lookup.
         self._wrapped: dict[str, Handler] = {}
+        self._gate = gate or ShutdownGate()
 
     async def intercept_service(  # type: ignore[override]
             self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         method = details.method
+        if self._gate.closed and method not in OPEN_METHODS:
+            handler = await continuation(details)
+            return None if handler is None else _refusal(
+                handler, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         cached = self._wrapped.get(method)
         if cached is not None:
             return cached
@@ -172,8 +178,28 @@ class TokenAuth(Interceptor):
         return False
 
 
-def _refusal(handler: Handler) -> Handler:
-    """A handler for ``handler``'s method that answers UNAUTHENTICATED without reading.
+class ShutdownGate:
+    """Closed by the server once it has drained, just before grpc stops it.
+
+    From then on :class:`ErrorMapping` answers every call but :data:`OPEN_METHODS`
+    UNAVAILABLE, unread: a client hears "try again" (and its retry reaches another replica)
+    rather than the CANCELLED grpc gives calls that reach a stopping server.
+    """
+
+    closed = False
+
+    def close(self) -> None:
+        """Refuse from now on."""
+        self.closed = True
+
+
+SHUTTING_DOWN = "the server is shutting down; retry (another replica serves)"
+
+
+def _refusal(handler: Handler, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED,
+             message: str = "missing or invalid bearer token: send metadata "
+                            "'authorization: Bearer <token>'") -> Handler:
+    """A handler for ``handler``'s method that answers ``code`` without reading the request.
 
     It is a request-streaming handler whatever the method's kind (the wire format is the
     same): grpc runs it before any message arrives, while a unary handler runs only once the
@@ -181,9 +207,7 @@ def _refusal(handler: Handler) -> Handler:
     200 MiB request so costs no more than a small one.
     """
     async def refuse(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc_status(Unauthenticated()),
-                            "missing or invalid bearer token: send metadata "
-                            "'authorization: Bearer <token>'")
+        await context.abort(code, message)
 
     if handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(

@@ -28,7 +28,7 @@ from cnnserve.common.files import write_atomically
 from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.proto import grpc_service_pb2_grpc as pb_grpc
 from cnnserve.server.grpc.health import ModelHealth
-from cnnserve.server.grpc.interceptors import ErrorMapping, TokenAuth
+from cnnserve.server.grpc.interceptors import ErrorMapping, ShutdownGate, TokenAuth
 from cnnserve.server.grpc.servicer import InferenceServicer
 from cnnserve.server.process.settings import Settings, flag_of
 from cnnserve.server.telemetry.metrics import Metrics, start_metrics_http_server
@@ -45,16 +45,24 @@ FLUSH_S = 1.0
 class GrpcServer:
     """A started gRPC server with its health service; :meth:`shutdown` drains it."""
 
-    def __init__(self, server: grpc.aio.Server, engine: Engine, model_health: ModelHealth):
+    def __init__(self, server: grpc.aio.Server, engine: Engine, model_health: ModelHealth,
+                 gate: ShutdownGate | None = None):
         self.server = server
         self.health = model_health
         self._engine = engine
+        self._gate = gate or ShutdownGate()
 
     async def shutdown(self, grace_s: float) -> None:
         """Drain and stop: health NOT_SERVING, refuse new inference, finish queued and
         in-flight requests within ``grace_s`` seconds, then stop the server."""
         started = time.monotonic()
         await self.health.shutdown()
+        # From now until the listener closes, every new call but health is answered
+        # UNAVAILABLE (which clients retry, reaching a replica or the restarted server),
+        # unread; the calls already running finish. (Calls that reach grpc after stop()
+        # has begun are cancelled by grpc itself before any handler sees them: stop() runs
+        # only once the drain is done, so that window is as short as it can be.)
+        self._gate.close()
         self._engine.begin_drain()
         await self._engine.stop(grace_s)
         remaining = grace_s - (time.monotonic() - started)
@@ -69,16 +77,17 @@ async def create_server(engine: Engine, metrics: Metrics, settings: Settings,
     TLS when ``settings.tls_cert`` is set, mutual TLS when ``settings.tls_ca`` is too.
     Raises CnnserveError if a TLS file cannot be read or the address cannot be bound.
     """
+    gate = ShutdownGate()
     interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
     if settings.token is not None:
         interceptors.append(TokenAuth(settings.token))
-    interceptors.append(ErrorMapping())
+    interceptors.append(ErrorMapping(gate))
     limit = settings.max_message_bytes
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
-        # Without this a second server on the same port would silently share its traffic.
-        ("grpc.so_reuseport", 0),
+        # Off unless asked for: a second server on the port would silently share its traffic.
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ])
     model_health = ModelHealth(engine)
 
@@ -102,7 +111,7 @@ async def create_server(engine: Engine, metrics: Metrics, settings: Settings,
     await server.start()
     await model_health.refresh()
     model_health.start()
-    return GrpcServer(server, engine, model_health), port
+    return GrpcServer(server, engine, model_health, gate), port
 
 
 def _join(host: str, port: int) -> str:

@@ -94,6 +94,11 @@ class Settings:
         None, "bearer token scrapers must send as 'Authorization: Bearer <token>' (Prometheus: "
         "authorization.credentials_file); default: /metrics is open. Prefer the environment "
         "variable: flags show in the process list", repr=False)
+    reuse_port: bool = option(False,
+        "let another server bind the same gRPC port (SO_REUSEPORT) while this one runs: for a "
+        "rolling restart on one port, start the new server before SIGTERMing the old; "
+        "clients move over when the old one's connections close (default: off, a second "
+        "server on the port fails to start)")
     max_message_bytes: int = option(256 * MiB,
         "largest gRPC message sent or received, bytes (default: 268435456 = 256 MiB)")
     log_format: LogFormat = option("text",
