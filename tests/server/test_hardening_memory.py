@@ -8,6 +8,7 @@ traceback -> frame -> request kept each failed 64 MiB body until the next GC pas
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from onnx import TensorProto, helper
 from cnnserve.common.datatypes import encode_bytes
 from cnnserve.common.repository import CONFIG_FILE, MODEL_FILE, TensorSpec, VersionConfig
 from cnnserve.proto import grpc_service_pb2 as pb
+from cnnserve.server.process.memory import MemoryTrimmer
 from tests.support.models import write_test_model
 from tests.support.wire import call_error, infer_request, output_array, random_images, stub
 
@@ -142,3 +144,20 @@ async def test_bytes_inputs_are_decoded_off_the_loop_and_round_trip(
             _bytes_body("strings", (1, 3), encode_bytes([b"a", b"b"]))))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "shape needs 3" in (error.details() or "")
+
+
+async def test_memory_trimmer_trims_once_per_growth_of_the_threshold() -> None:
+    trimmer = MemoryTrimmer(threshold_bytes=16 * MiB)
+    if not trimmer.available:
+        pytest.skip("needs glibc and /proc")
+    # Free heap space left by earlier tests would absorb the allocation below: drop it.
+    ctypes.CDLL(None).malloc_trim(0)
+    trimmer = MemoryTrimmer(threshold_bytes=16 * MiB)
+    await trimmer.check()
+    assert trimmer.trims == 0
+    grown = [bytes(64 * 1024) for _ in range(32 * 16)]  # 32 MiB in pieces malloc keeps
+    await trimmer.check()
+    assert trimmer.trims == 1
+    await trimmer.check()  # still in use: the level after the trim is the new baseline
+    assert trimmer.trims == 1
+    del grown

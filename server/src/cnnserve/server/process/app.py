@@ -30,6 +30,7 @@ from cnnserve.proto import grpc_service_pb2_grpc as pb_grpc
 from cnnserve.server.grpc.health import ModelHealth
 from cnnserve.server.grpc.interceptors import ErrorMapping, ShutdownGate, TokenAuth
 from cnnserve.server.grpc.servicer import InferenceServicer
+from cnnserve.server.process.memory import MemoryTrimmer
 from cnnserve.server.process.settings import Settings, flag_of
 from cnnserve.server.telemetry.metrics import Metrics, start_metrics_http_server
 
@@ -159,6 +160,7 @@ async def serve(settings: Settings) -> None:
     from cnnserve.server.engine.core import Engine
 
     stop = _stop_event()
+    trimmer = asyncio.get_running_loop().create_task(MemoryTrimmer().run())
     metrics = Metrics()
     engine = Engine(engine_options(settings), metrics)
     try:
@@ -185,6 +187,7 @@ async def serve(settings: Settings) -> None:
             await grpc_server.shutdown(settings.grace_period_s)
     finally:
         metrics_http.shutdown()
+        trimmer.cancel()
     logger.info("stopped")
 
 
