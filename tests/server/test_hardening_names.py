@@ -164,3 +164,34 @@ async def test_undecodable_bodies_are_invalid_argument_without_tracebacks(
         assert (await stub(channel).ServerLive(pb.ServerLiveRequest())).live
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     assert len([r for r in caplog.records if r.levelname != "DEBUG"]) <= 1
+
+
+async def test_undecodable_bodies_on_open_streaming_methods_are_invalid_argument(
+        wire_server: Any, model_repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_test_model(model_repo, "linear", 1)
+    server = await wire_server(model_repo)
+    async with server.channel() as channel:
+        for _ in range(3):
+            watch = channel.unary_stream("/grpc.health.v1.Health/Watch")(b"\xff\xff\xff",
+                                                                         timeout=10)
+            error = await call_error(_drain(watch))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+
+            async def garbage() -> Any:
+                yield b"\xff\xff\xff"
+            reflect = channel.stream_stream(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+            error = await call_error(_drain(reflect(garbage(), timeout=10)))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        # Well-formed calls still work.
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="linear"), timeout=10)
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def _drain(call: Any) -> None:
+    async for _ in call:
+        pass

@@ -72,24 +72,73 @@ class ErrorMapping(Interceptor):
         handler = await continuation(details)
         if handler is None:
             return None  # unknown method: not cached, so made-up names cannot grow the cache
-        wrapped = handler
-        if inspect.iscoroutinefunction(handler.unary_unary):
-            wrapped = grpc.unary_unary_rpc_method_handler(
-                _mapped(handler.unary_unary, method),
-                request_deserializer=tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer)
-        self._wrapped[method] = wrapped
+        wrapped = self._wrapped[method] = _wrap(handler, method)
         return wrapped
+
+
+def _wrap(handler: Handler, method: str) -> Handler:
+    """``handler`` with its errors mapped and undecodable bodies answered INVALID_ARGUMENT."""
+    serde: dict[str, Any] = {
+        "request_deserializer": tolerant(handler.request_deserializer),
+        "response_serializer": handler.response_serializer}
+    if inspect.iscoroutinefunction(handler.unary_unary):
+        return grpc.unary_unary_rpc_method_handler(_mapped(handler.unary_unary, method),
+                                                   **serde)
+    # Streaming methods (health Watch, reflection) keep grpc's own error handling; only a
+    # body that does not parse is answered here, without grpc's traceback per body.
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _checked_unary_stream(handler.unary_stream, method), **serde)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            _checked_stream_stream(handler.stream_stream, method), **serde)
+    return handler  # stream-unary: none is served
+
+
+def _checked_unary_stream(behavior: Any, method: str) -> Any:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if request is UNDECODABLE:
+            await _refuse_undecodable(context, method)
+        result = behavior(request, context)
+        if inspect.isasyncgen(result):
+            async for response in result:
+                yield response
+        else:
+            await result  # a coroutine that writes with context.write
+    return call
+
+
+def _checked_stream_stream(behavior: Any, method: str) -> Any:
+    async def call(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        result = behavior(_decoded(requests, context, method), context)
+        if inspect.isasyncgen(result):
+            async for response in result:
+                yield response
+        else:
+            await result
+    return call
+
+
+async def _decoded(requests: Any, context: grpc.aio.ServicerContext[Any, Any],
+                   method: str) -> Any:
+    async for request in requests:
+        if request is UNDECODABLE:
+            await _refuse_undecodable(context, method)
+        yield request
+
+
+async def _refuse_undecodable(context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
+    _log_undecodable(method)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the request body is not a valid {_message_of(method)} message "
+                        "(protocol buffers)")
 
 
 def _mapped(behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
             method: str) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is UNDECODABLE:
-            _log_undecodable(method)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the request body is not a valid {_message_of(method)} "
-                                "message (protocol buffers)")
+            await _refuse_undecodable(context, method)
         try:
             return await behavior(request, context)
         except ServingError as exc:
@@ -146,8 +195,18 @@ def _log_undecodable(method: str) -> None:
 
 
 def _message_of(method: str) -> str:
-    """``ModelInferRequest`` for ``/inference.GRPCInferenceService/ModelInfer``."""
-    return method.rsplit("/", 1)[-1] + "Request"
+    """``ModelInferRequest`` for ``/inference.GRPCInferenceService/ModelInfer``; the
+    grpc.health and reflection request messages for their methods."""
+    return _REQUEST_MESSAGES.get(method, method.rsplit("/", 1)[-1] + "Request")
+
+
+_REQUEST_MESSAGES = {
+    "/grpc.health.v1.Health/Check": "HealthCheckRequest",
+    "/grpc.health.v1.Health/Watch": "HealthCheckRequest",
+    "/grpc.health.v1.Health/List": "HealthListRequest",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "ServerReflectionRequest",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": "ServerReflectionRequest",
+}
 
 
 class TokenAuth(Interceptor):
