@@ -24,6 +24,7 @@ from cnnserve.common.errors import CnnserveError
 from cnnserve.common.repository import (
     CONFIG_FILE,
     MODEL_FILE,
+    MODEL_NAME,
     ConfigError,
     ModelPolicy,
     VersionConfig,
@@ -314,10 +315,11 @@ def checked(name: str, version: str = "") -> tuple[str, str]:
     ("²".isdigit() is true, but int() refuses it). Raises InvalidRequest; its message quotes
     at most 64 characters of the name and says nothing about the filesystem.
     """
-    try:
-        check_model_name(name)
-    except ConfigError as exc:
-        raise InvalidRequest(str(exc)) from None
+    if MODEL_NAME.fullmatch(name) is None:  # the per-request cost is this one match
+        try:
+            check_model_name(name)
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc)) from None
     if version and not (version.isascii() and version.isdigit()):
         shown = version if len(version) <= 20 else version[:20] + "..."
         raise InvalidRequest(f"model version {shown!r} is not allowed: use \"\" (the newest) "
