@@ -106,9 +106,9 @@ def test_rolling_restart_on_one_port_surfaces_no_errors(model_repo: Path,
             stop_process(new)
 
 
-async def test_while_draining_every_new_call_but_health_is_unavailable(
+async def test_while_draining_new_calls_are_held_then_answered_unavailable(
         wire_server: Any, model_repo: Path) -> None:
-    write_test_model(model_repo, "slow", 1, kind="slow", slow_iterations=50_000,
+    write_test_model(model_repo, "slow", 1, kind="slow", slow_iterations=200_000,
                      policy=ModelPolicy(max_batch_size=1, dynamic_batching=DynamicBatching(
                          max_queue_delay_microseconds=0)))
     server = await wire_server(model_repo)
@@ -118,16 +118,18 @@ async def test_while_draining_every_new_call_but_health_is_unavailable(
         running = asyncio.ensure_future(rpc.ModelInfer(infer_request("slow", x, "x")))
         await eventually(lambda: inflight(server.metrics, "slow", "1") == 1, 10, "in flight")
         stopping = asyncio.ensure_future(server.grpc_server.shutdown(30.0))
-        check = health_pb2.HealthCheckRequest(service="")
         await eventually(lambda: server.grpc_server._gate.closed, 10, "the drain to begin")
-        for call in (rpc.ModelInfer(infer_request("slow", x, "x")),
-                     rpc.ModelMetadata(pb.ModelMetadataRequest(name="slow")),
-                     rpc.RepositoryIndex(pb.RepositoryIndexRequest())):
-            error = await call_error(call)
-            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
-            assert "shutting down" in (error.details() or "")
-        reply = await health.Check(check)
+        held = [asyncio.ensure_future(call_error(call)) for call in (
+            rpc.ModelInfer(infer_request("slow", x, "x")),
+            rpc.ModelMetadata(pb.ModelMetadataRequest(name="slow")),
+            rpc.RepositoryIndex(pb.RepositoryIndexRequest()))]
+        # Health stays open and says NOT_SERVING; the new calls wait while the drain runs.
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert not (await rpc.ServerReady(pb.ServerReadyRequest())).ready
+        assert not running.done() and not any(call.done() for call in held)
         np.testing.assert_array_equal(output_array(await running, "y"), x)
+        for error in await asyncio.gather(*held):
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+            assert "shutting down" in (error.details() or "")
         await stopping

@@ -21,6 +21,7 @@ import grpc
 from grpc.aio import ServerInterceptor
 
 from cnnserve.server.errors import ServingError
+from cnnserve.server.grpc.shutdown import ShutdownGate
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ INTERNAL_MESSAGE = "internal server error"
 
 
 class ErrorMapping(Interceptor):
-    """Map ServingError to its status and hide unexpected errors behind INTERNAL; refuse
-    everything but health UNAVAILABLE once ``gate`` is closed."""
+    """Map ServingError to its status and hide unexpected errors behind INTERNAL; once
+    ``gate`` is closed, hand every call but :data:`OPEN_METHODS` to it."""
 
     def __init__(self, gate: ShutdownGate | None = None) -> None:
         # Handlers never change while the server runs; wrapping each once keeps the per-call
@@ -64,8 +65,7 @@ class ErrorMapping(Interceptor):
         method = details.method
         if self._gate.closed and method not in OPEN_METHODS:
             handler = await continuation(details)
-            return None if handler is None else _refusal(
-                handler, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            return None if handler is None else self._gate.refusal(handler)
         cached = self._wrapped.get(method)
         if cached is not None:
             return cached
@@ -237,28 +237,8 @@ class TokenAuth(Interceptor):
         return False
 
 
-class ShutdownGate:
-    """Closed by the server once it has drained, just before grpc stops it.
-
-    From then on :class:`ErrorMapping` answers every call but :data:`OPEN_METHODS`
-    UNAVAILABLE, unread: a client hears "try again" (and its retry reaches another replica)
-    rather than the CANCELLED grpc gives calls that reach a stopping server.
-    """
-
-    closed = False
-
-    def close(self) -> None:
-        """Refuse from now on."""
-        self.closed = True
-
-
-SHUTTING_DOWN = "the server is shutting down; retry (another replica serves)"
-
-
-def _refusal(handler: Handler, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED,
-             message: str = "missing or invalid bearer token: send metadata "
-                            "'authorization: Bearer <token>'") -> Handler:
-    """A handler for ``handler``'s method that answers ``code`` without reading the request.
+def _refusal(handler: Handler) -> Handler:
+    """A handler for ``handler``'s method that answers UNAUTHENTICATED without reading.
 
     It is a request-streaming handler whatever the method's kind (the wire format is the
     same): grpc runs it before any message arrives, while a unary handler runs only once the
@@ -266,7 +246,9 @@ def _refusal(handler: Handler, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENT
     200 MiB request so costs no more than a small one.
     """
     async def refuse(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(code, message)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "missing or invalid bearer token: send metadata "
+                            "'authorization: Bearer <token>'")
 
     if handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(

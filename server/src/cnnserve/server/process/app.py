@@ -28,8 +28,9 @@ from cnnserve.common.files import write_atomically
 from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.proto import grpc_service_pb2_grpc as pb_grpc
 from cnnserve.server.grpc.health import ModelHealth
-from cnnserve.server.grpc.interceptors import ErrorMapping, ShutdownGate, TokenAuth
+from cnnserve.server.grpc.interceptors import ErrorMapping, TokenAuth
 from cnnserve.server.grpc.servicer import InferenceServicer
+from cnnserve.server.grpc.shutdown import ShutdownGate
 from cnnserve.server.process.memory import MemoryTrimmer
 from cnnserve.server.process.settings import Settings, flag_of
 from cnnserve.server.telemetry.metrics import Metrics, start_metrics_http_server
@@ -58,15 +59,14 @@ class GrpcServer:
         in-flight requests within ``grace_s`` seconds, then stop the server."""
         started = time.monotonic()
         await self.health.shutdown()
-        # From now until the listener closes, every new call but health is answered
-        # UNAVAILABLE (which clients retry, reaching a replica or the restarted server),
-        # unread; the calls already running finish. (Calls that reach grpc after stop()
-        # has begun are cancelled by grpc itself before any handler sees them: stop() runs
-        # only once the drain is done, so that window is as short as it can be.)
+        # From now on every new call but health is held, unread, and answered UNAVAILABLE
+        # (which clients retry) once the GOAWAY of stop() is out (grpc/shutdown.py); the
+        # calls already running finish.
         self._gate.close()
         self._engine.begin_drain()
         await self._engine.stop(grace_s)
         remaining = grace_s - (time.monotonic() - started)
+        await self._gate.release()
         await self.server.stop(max(remaining, FLUSH_S))
 
 
