@@ -185,7 +185,9 @@ class Engine:
         while True:
             await asyncio.sleep(self._options.poll_interval_s)
             try:
-                await self._repo.poll(lambda name: not wanted or name in wanted)
+                # A folder whose name no request could use (a space, say) is not served.
+                await self._repo.poll(lambda name: MODEL_NAME.fullmatch(name) is not None
+                                      and (not wanted or name in wanted))
                 self._required &= self._repo.known  # a removed model is no longer required
             except Exception:  # a bad scan must not end polling
                 log.exception("repository poll failed")
@@ -298,6 +300,8 @@ class Engine:
     def statistics(self, name: str = "", version: str = "") -> list[VersionStats]:
         """Statistics of READY versions: all models ("" name), a model's, or one version's."""
         if not name:
+            if version:
+                checked("all", version)  # no model: the version is ignored, but well-formed
             models = [m for n in self._repo.names() for m in self._repo.ready_versions(n)]
         elif version:
             models = [self.get(name, version)]
