@@ -3,9 +3,12 @@
 :class:`ErrorMapping` turns a :class:`~cnnserve.server.errors.ServingError` raised anywhere
 under a handler into its ``code`` with its message; any other exception is logged with its
 traceback and answered ``INTERNAL "internal server error"``, so internals never leak to
-clients. :class:`TokenAuth` refuses calls without ``authorization: Bearer <token>`` metadata
-with UNAUTHENTICATED, except health checks and reflection, which stay open so probes and
-tooling work without the secret.
+clients. A body that does not parse is answered INVALID_ARGUMENT (one rate-limited log line,
+no traceback). It aborts only after the handler's frame has let go of the request, so a failed
+request is freed with its answer rather than at the next GC pass. :class:`TokenAuth` refuses
+calls without ``authorization: Bearer <token>`` metadata with UNAUTHENTICATED from the
+metadata alone, before the body is read or parsed, except health checks and reflection,
+which stay open so probes and tooling work without the secret.
 """
 
 from __future__ import annotations
