@@ -28,13 +28,12 @@ from cnnserve.common.repository import (
     ConfigError,
     ModelPolicy,
     VersionConfig,
-    check_model_name,
 )
 from cnnserve.server.batching.batcher import Batcher, BatchPolicy
+from cnnserve.server.engine.names import checked
 from cnnserve.server.engine.repository import IndexEntry, Repository
 from cnnserve.server.engine.scan import read_policy
 from cnnserve.server.errors import (
-    InvalidRequest,
     ModelLoadError,
     ServerShuttingDown,
     ServingError,
@@ -308,27 +307,6 @@ class Engine:
         else:
             models = self._repo.ready_versions(checked(name)[0])
         return [m.statistics() for m in models]
-
-
-def checked(name: str, version: str = "") -> tuple[str, str]:
-    """``(name, version)`` once both are well-formed: the one check every RPC's names pass.
-
-    A model name is one folder name of the repository (common.repository.MODEL_NAME: no path
-    separator, no "..", never ""), so no name reaches the filesystem as a path and no alias
-    of a model ("m/.", "./m") loads a second copy. A version is "" (newest) or ASCII digits
-    ("²".isdigit() is true, but int() refuses it). Raises InvalidRequest; its message quotes
-    at most 64 characters of the name and says nothing about the filesystem.
-    """
-    if MODEL_NAME.fullmatch(name) is None:  # the per-request cost is this one match
-        try:
-            check_model_name(name)
-        except ConfigError as exc:
-            raise InvalidRequest(str(exc)) from None
-    if version and not (version.isascii() and version.isdigit()):
-        shown = version if len(version) <= 20 else version[:20] + "..."
-        raise InvalidRequest(f"model version {shown!r} is not allowed: use \"\" (the newest) "
-                             "or a positive integer in ASCII digits")
-    return name, version
 
 
 def _effective_config(config: VersionConfig, name: str, policy: ModelPolicy) -> VersionConfig:
