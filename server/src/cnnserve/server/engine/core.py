@@ -20,9 +20,10 @@ from typing import Literal
 
 from cnnserve.common.datatypes import Array
 from cnnserve.common.errors import CnnserveError
-from cnnserve.common.repository import ModelPolicy
+from cnnserve.common.repository import MODEL_NAME, ModelPolicy
 from cnnserve.server.batching.batcher import Batcher, BatchPolicy
 from cnnserve.server.engine.model_source import VersionSource, load_version, read_model_policy
+from cnnserve.server.engine.names import checked
 from cnnserve.server.engine.repository import IndexEntry, Repository
 from cnnserve.server.engine.shapes import ShapedRunner
 from cnnserve.server.errors import ServerShuttingDown, ServingError, Unsupported
@@ -80,6 +81,8 @@ class LoadedModel:
         self.config = config
         self.source = source  # where the signature and policy came from
         self.output_datatypes = {t.name: t.datatype for t in config.outputs}
+        #: Whether an input is BYTES (decoded element by element, so off the event loop).
+        self.bytes_inputs = any(t.datatype == "BYTES" for t in config.inputs)
         self.policy = source.policy
         self._batched = config.max_batch_size > 0
         self.providers = runtime.providers
@@ -174,16 +177,18 @@ class Engine:
 
     async def _load_reported(self, name: str) -> None:
         try:
-            await self._repo.load(name)
+            await self._repo.load(checked(name)[0])
         except ServingError as exc:
-            log.error("model '%s' is not ready: %s", name, exc)
+            log.error("model %r is not ready: %s", name, exc)
 
     async def _poll_forever(self) -> None:
         wanted = set(self._options.models)
         while True:
             await asyncio.sleep(self._options.poll_interval_s)
             try:
-                await self._repo.poll(lambda name: not wanted or name in wanted)
+                # A folder whose name no request could use (a space, say) is not served.
+                await self._repo.poll(lambda name: MODEL_NAME.fullmatch(name) is not None
+                                      and (not wanted or name in wanted))
                 self._required &= self._repo.known  # a removed model is no longer required
             except Exception:  # a bad scan must not end polling
                 log.exception("repository poll failed")
@@ -251,13 +256,15 @@ class Engine:
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The READY model version ("" = newest READY allowed by the policy).
 
-        Raises ModelNotFound (unknown model or version; lists what exists) or ModelNotReady
-        (loading, failed or unloaded; says why).
+        Raises InvalidRequest (a name that is not a model folder name, a version that is not
+        ASCII digits), ModelNotFound (unknown model or version; lists what exists) or
+        ModelNotReady (loading, failed or unloaded; says why).
         """
-        return self._repo.lookup(name, version)
+        return self._repo.lookup(*checked(name, version))
 
     def is_ready(self, name: str, version: str = "") -> bool:
-        """Whether :meth:`get` would return a model."""
+        """Whether :meth:`get` would return a model; InvalidRequest for a malformed name."""
+        checked(name, version)
         with contextlib.suppress(ServingError):
             self._repo.lookup(name, version)
             return True
@@ -273,11 +280,13 @@ class Engine:
         New versions are warmed up before they take traffic; if one fails, the versions
         serving keep serving and ModelLoadError says why. Raises ModelNotFound, Unsupported.
         """
+        checked(name)
         self._check_control("load")
         await self._repo.load(name)
 
     async def unload(self, name: str) -> None:
         """Retire every version of ``name``; requests in flight on it complete."""
+        checked(name)
         self._check_control("unload")
         await self._repo.unload(name)
 
@@ -290,9 +299,11 @@ class Engine:
     def statistics(self, name: str = "", version: str = "") -> list[VersionStats]:
         """Statistics of READY versions: all models ("" name), a model's, or one version's."""
         if not name:
+            if version:
+                checked("all", version)  # no model: the version is ignored, but well-formed
             models = [m for n in self._repo.names() for m in self._repo.ready_versions(n)]
         elif version:
             models = [self.get(name, version)]
         else:
-            models = self._repo.ready_versions(name)
+            models = self._repo.ready_versions(checked(name)[0])
         return [m.statistics() for m in models]

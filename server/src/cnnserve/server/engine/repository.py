@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +84,16 @@ class _Model(Generic[S]):
     latest: S | None = None  # newest READY version, for version ""
 
 
+class _NamedLock:
+    """A model's lock and how many callers hold or wait for it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class Repository(Generic[S]):
     """Records, version policy and load/unload orchestration for every model."""
 
@@ -99,8 +109,24 @@ class Repository(Generic[S]):
         self._executor = executor
         self._metrics = metrics
         self._models: dict[str, _Model[S]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _NamedLock] = {}
         self.known: set[str] = set()  # model folders as of the last scan
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, name: str) -> AsyncIterator[None]:
+        """Hold ``name``'s lock; it is dropped once unused while ``name`` has no record, so
+        names that are not models (any client can send millions) leave no state behind."""
+        entry = self._locks.get(name)
+        if entry is None:
+            entry = self._locks[name] = _NamedLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users and name not in self._models:
+                del self._locks[name]
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -118,11 +144,11 @@ class Repository(Generic[S]):
         ``force`` retries versions that failed before with unchanged files (polls do not).
         Raises ModelNotFound (no such folder) or ModelLoadError naming every failure.
         """
-        async with self._locks.setdefault(name, asyncio.Lock()):
+        async with self._locked(name):
             scan = await self._run(scan_model, self.layout, name)
             if scan is None:
                 self.known.discard(name)
-                raise ModelNotFound(f"model '{name}' is not in the repository {self._root}; "
+                raise ModelNotFound(f"model '{name}' is not in the repository; "
                                     f"known models: {sorted(self.known) or 'none'}")
             self.known.add(name)
             model = self._models.setdefault(name, _Model(name))
@@ -207,7 +233,7 @@ class Repository(Generic[S]):
 
     async def unload(self, name: str, reason: str = "unloaded") -> None:
         """Retire every version of ``name``; raises ModelNotFound for an unknown model."""
-        async with self._locks.setdefault(name, asyncio.Lock()):
+        async with self._locked(name):
             model = self._models.get(name)
             if model is None:
                 if name in self.known:

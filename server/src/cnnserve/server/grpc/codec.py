@@ -14,7 +14,7 @@ datatype).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from math import prod
 from typing import Any, NamedTuple
 
@@ -45,13 +45,21 @@ class InputTensor(NamedTuple):
     data: np.ndarray[Any, Any]
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
+#: ``check(name, datatype, shape)``: raises InvalidRequest for an input the model cannot take.
+DeclaredCheck = Callable[[str, str, tuple[int, ...]], None]
+
+
+def decode_inputs(request: pb.ModelInferRequest,
+                  check: DeclaredCheck | None = None) -> list[InputTensor]:
     """Decode every input of ``request`` into an array, in request order.
 
-    Raw contents are wrapped without a copy (the arrays are read-only). Raises
-    InvalidRequest for an unknown datatype, a negative dimension, raw and typed contents
-    mixed, a raw entry count that differs from the input count, missing data, or data
-    whose size does not match the tensor's shape and datatype.
+    ``check`` sees each input's name, datatype and shape before its data is touched, so a
+    request the model cannot take (a 64 MiB BYTES body for an FP32 input, a shape of a
+    billion rows) is refused before any decoding work. Raw contents are wrapped without a
+    copy (the arrays are read-only). Raises InvalidRequest for an unknown datatype, a
+    negative dimension, raw and typed contents mixed, a raw entry count that differs from
+    the input count, missing data, or data whose size does not match the tensor's shape and
+    datatype (and whatever ``check`` raises).
     """
     model = request.model_name
     tensors = request.inputs
@@ -70,6 +78,8 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
     for index, tensor in enumerate(tensors):
         name, datatype = tensor.name, tensor.datatype
         shape = _checked_shape(model, name, datatype, tensor.shape)
+        if check is not None:
+            check(name, datatype, shape)
         if raw:
             # Each read of a repeated bytes field copies it out of the message: read once.
             data = _from_raw(model, name, datatype, shape, raw[index])

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
+_RESERVED = frozenset({"", INFERENCE_SERVICE})
 
 
 class _Servicer(HealthServicer):  # type: ignore[misc]
@@ -59,7 +60,9 @@ class ModelHealth:
         await self.servicer.set(INFERENCE_SERVICE, overall)
         # A model that left the repository keeps a NOT_SERVING entry rather than vanishing,
         # so a watcher sees it go down.
-        self._models |= {entry.name for entry in self._engine.index()}
+        # Model names are folder names ("" is never one); a folder named like the protocol
+        # service must not take over its entry either.
+        self._models |= {entry.name for entry in self._engine.index()} - _RESERVED
         for name in sorted(self._models):
             await self.servicer.set(name, SERVING if self._model_ready(name) else NOT_SERVING)
 

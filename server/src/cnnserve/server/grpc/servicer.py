@@ -10,6 +10,7 @@ interceptor (interceptors.py); nothing here catches them except to count them in
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -19,11 +20,16 @@ import numpy as np
 from cnnserve.common import __version__
 from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.proto import grpc_service_pb2_grpc as pb_grpc
-from cnnserve.server.errors import InvalidRequest, ModelNotFound, ServingError, Unsupported
+from cnnserve.server.errors import InvalidRequest, ModelNotReady, ServingError, Unsupported
 from cnnserve.server.grpc import messages
 from cnnserve.server.grpc.classification import classify
 from cnnserve.server.grpc.codec import OutputTensor, decode_inputs, encode_outputs
-from cnnserve.server.grpc.validation import RequestedOutput, validate_inputs, validate_outputs
+from cnnserve.server.grpc.validation import (
+    RequestedOutput,
+    check_declared,
+    validate_inputs,
+    validate_outputs,
+)
 from cnnserve.server.telemetry.metrics import UNKNOWN_MODEL, Metrics
 
 if TYPE_CHECKING:
@@ -116,8 +122,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             model = self._engine.get(request.model_name, request.model_version)
         except ServingError as exc:
-            # Label unknown names as one value so clients cannot grow the label set.
-            name = UNKNOWN_MODEL if isinstance(exc, ModelNotFound) else request.model_name
+            # Only models of the repository (found, not ready) get their own label value;
+            # every other name shares one, so clients cannot grow the label set.
+            name = request.model_name if isinstance(exc, ModelNotReady) else UNKNOWN_MODEL
             self._metrics.request_started(name, "")
             self._metrics.request_finished(name, "", time.monotonic() - started, exc.reason)
             raise
@@ -132,7 +139,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 deadline = request_deadline(parameters, remaining, started)
             else:
                 deadline = None if remaining is None else started + remaining
-            inputs = validate_inputs(name, model.config, decode_inputs(request))
+            check = functools.partial(check_declared, name, model.config)
+            if model.bytes_inputs:
+                # BYTES elements are split one by one in Python: off the event loop, so a
+                # large body cannot stall every other client.
+                tensors = await asyncio.to_thread(decode_inputs, request, check)
+            else:
+                tensors = decode_inputs(request, check)
+            inputs = validate_inputs(name, model.config, tensors)
             requested = validate_outputs(name, model.config, request.outputs)
             results = await model.infer(inputs, [r.name for r in requested] if request.outputs
                                         else (), deadline=deadline)

@@ -69,13 +69,32 @@ def validate_inputs(model: str, config: VersionConfig,
     return {spec.name: by_name[spec.name].data for spec in config.inputs}
 
 
+def check_declared(model: str, config: VersionConfig, name: str, datatype: str,
+                   shape: tuple[int, ...]) -> None:
+    """Check an input's declared name, datatype and shape before its data is decoded.
+
+    The codec calls this (decode_inputs' ``check``) so that nothing of a request the model
+    cannot take is decoded. Raises InvalidRequest like :func:`validate_inputs`.
+    """
+    for spec in config.inputs:
+        if spec.name == name:
+            _check_declared(model, config, spec, datatype, shape)
+            return
+    raise InvalidRequest(f"model '{model}' has no input '{name}'; its inputs are "
+                         f"{_names(s.name for s in config.inputs)}")
+
+
 def _check_tensor(model: str, config: VersionConfig, spec: TensorSpec,
                   tensor: InputTensor) -> int:
     """Check one input against its spec; return its batch size."""
-    if tensor.datatype != spec.datatype:
+    return _check_declared(model, config, spec, tensor.datatype, tensor.shape)
+
+
+def _check_declared(model: str, config: VersionConfig, spec: TensorSpec, datatype: str,
+                    shape: tuple[int, ...]) -> int:
+    if datatype != spec.datatype:
         raise InvalidRequest(f"{_where(model, spec)} expects datatype {spec.datatype}, "
-                             f"got {tensor.datatype}")
-    shape = tensor.shape
+                             f"got {datatype}")
     want = spec.shape
     first = 1 if config.max_batch_size else 0  # a model that does not batch: every dim
     fits = len(shape) == len(want) and (shape[first:] == want[first:] or all(

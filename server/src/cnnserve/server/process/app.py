@@ -31,6 +31,8 @@ from cnnserve.server.grpc import tracing as grpc_tracing
 from cnnserve.server.grpc.health import ModelHealth
 from cnnserve.server.grpc.interceptors import ErrorMapping, TokenAuth
 from cnnserve.server.grpc.servicer import InferenceServicer
+from cnnserve.server.grpc.shutdown import ShutdownGate
+from cnnserve.server.process.memory import MemoryTrimmer
 from cnnserve.server.process.settings import Settings, flag_of
 from cnnserve.server.telemetry.metrics import Metrics, start_metrics_http_server
 
@@ -46,19 +48,26 @@ FLUSH_S = 1.0
 class GrpcServer:
     """A started gRPC server with its health service; :meth:`shutdown` drains it."""
 
-    def __init__(self, server: grpc.aio.Server, engine: Engine, model_health: ModelHealth):
+    def __init__(self, server: grpc.aio.Server, engine: Engine, model_health: ModelHealth,
+                 gate: ShutdownGate | None = None):
         self.server = server
         self.health = model_health
         self._engine = engine
+        self._gate = gate or ShutdownGate()
 
     async def shutdown(self, grace_s: float) -> None:
         """Drain and stop: health NOT_SERVING, refuse new inference, finish queued and
         in-flight requests within ``grace_s`` seconds, then stop the server."""
         started = time.monotonic()
         await self.health.shutdown()
+        # From now on every new call but health is held, unread, and answered UNAVAILABLE
+        # (which clients retry) once the GOAWAY of stop() is out (grpc/shutdown.py); the
+        # calls already running finish.
+        self._gate.close()
         self._engine.begin_drain()
         await self._engine.stop(grace_s)
         remaining = grace_s - (time.monotonic() - started)
+        await self._gate.release()
         await self.server.stop(max(remaining, FLUSH_S))
 
 
@@ -71,16 +80,17 @@ async def create_server(engine: Engine, metrics: Metrics, settings: Settings,
     Raises CnnserveError if a TLS file cannot be read or the address cannot be bound.
     """
     # Tracing first, so its span covers authentication and error mapping too.
+    gate = ShutdownGate()
     interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = grpc_tracing.interceptors()
     if settings.token is not None:
         interceptors.append(TokenAuth(settings.token))
-    interceptors.append(ErrorMapping())
+    interceptors.append(ErrorMapping(gate))
     limit = settings.max_message_bytes
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
-        # Without this a second server on the same port would silently share its traffic.
-        ("grpc.so_reuseport", 0),
+        # Off unless asked for: a second server on the port would silently share its traffic.
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ])
     model_health = ModelHealth(engine)
 
@@ -104,7 +114,7 @@ async def create_server(engine: Engine, metrics: Metrics, settings: Settings,
     await server.start()
     await model_health.refresh()
     model_health.start()
-    return GrpcServer(server, engine, model_health), port
+    return GrpcServer(server, engine, model_health, gate), port
 
 
 def _join(host: str, port: int) -> str:
@@ -153,11 +163,13 @@ async def serve(settings: Settings) -> None:
     from cnnserve.server.engine.core import Engine
 
     stop = _stop_event()
+    trimmer = asyncio.get_running_loop().create_task(MemoryTrimmer().run())
     metrics = Metrics(triton_names=settings.metrics_names == "triton")
     engine = Engine(engine_options(settings), metrics)
     try:
-        metrics_http, metrics_port = start_metrics_http_server(metrics, settings.host,
-                                                               settings.metrics_port)
+        metrics_http, metrics_port = start_metrics_http_server(
+            metrics, settings.host, settings.metrics_port, tls_cert=settings.metrics_tls_cert,
+            tls_key=settings.metrics_tls_key, token=settings.metrics_token)
     except OSError as exc:
         where = _join(settings.host, settings.metrics_port)
         raise CnnserveError(f"cannot serve metrics on {where}: {exc.strerror}") from exc
@@ -179,6 +191,7 @@ async def serve(settings: Settings) -> None:
     finally:
         metrics_http.shutdown()
         _remove_port_file(settings)
+        trimmer.cancel()
     logger.info("stopped")
 
 
@@ -222,6 +235,8 @@ def _announce(settings: Settings, port: int, metrics_port: int) -> None:
     if settings.port_file is not None:
         write_atomically(settings.port_file,
                          json.dumps({"grpc_port": port, "metrics_port": metrics_port}) + "\n")
-    logger.info("serving gRPC on %s (%s), metrics on http://%s/metrics",
-                _join(settings.host, port), security, _join(settings.host, metrics_port),
+    scheme = "https" if settings.metrics_tls_cert else "http"
+    logger.info("serving gRPC on %s (%s), metrics on %s://%s/metrics%s",
+                _join(settings.host, port), security, scheme, _join(settings.host, metrics_port),
+                " (bearer token)" if settings.metrics_token else "",
                 extra={"grpc_port": port, "metrics_port": metrics_port})

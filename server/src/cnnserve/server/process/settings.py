@@ -92,6 +92,20 @@ class Settings:
         None, "bearer token clients must send as 'authorization: Bearer <token>'; health "
         "checks stay open. Prefer the environment variable: flags show in the process list",
         repr=False)
+    metrics_tls_cert: Path | None = option(None,
+        "PEM certificate for the metrics endpoint; serves it over HTTPS only (with "
+        "--metrics-tls-key). May be the gRPC certificate")
+    metrics_tls_key: Path | None = option(None,
+        "PEM private key of --metrics-tls-cert")
+    metrics_token: str | None = option(
+        None, "bearer token scrapers must send as 'Authorization: Bearer <token>' (Prometheus: "
+        "authorization.credentials_file); default: /metrics is open. Prefer the environment "
+        "variable: flags show in the process list", repr=False)
+    reuse_port: bool = option(False,
+        "let another server bind the same gRPC port (SO_REUSEPORT) while this one runs: for a "
+        "rolling restart on one port, start the new server before SIGTERMing the old; "
+        "clients move over when the old one's connections close (default: off, a second "
+        "server on the port fails to start)")
     max_message_bytes: int = option(256 * MiB,
         "largest gRPC message sent or received, bytes (default: 268435456 = 256 MiB)")
     log_format: LogFormat = option("text",
@@ -109,6 +123,11 @@ class Settings:
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise CnnserveError("--tls-cert and --tls-key go together: give both or neither")
+        if (self.metrics_tls_cert is None) != (self.metrics_tls_key is None):
+            raise CnnserveError("--metrics-tls-cert and --metrics-tls-key go together: give "
+                                "both or neither")
+        if self.metrics_token is not None and not self.metrics_token:
+            raise CnnserveError("--metrics-token must not be empty")
         if self.tls_ca is not None and self.tls_cert is None:
             raise CnnserveError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
         for name in ("grpc_port", "metrics_port"):

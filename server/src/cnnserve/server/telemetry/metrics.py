@@ -8,10 +8,16 @@ does not exist are counted under ``model="_unknown_"`` so label values stay boun
 
 from __future__ import annotations
 
+import hmac
+import logging
+import socket
+import ssl
 import threading
 from collections.abc import Iterable, Sized
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,11 +27,14 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from cnnserve.common.repository import MODEL_STATES
 from cnnserve.server.telemetry.loop_metrics import LoopCollector, LoopCounter, LoopHistogram
+
+logger = logging.getLogger(__name__)
 
 UNKNOWN_MODEL = "_unknown_"
 
@@ -274,13 +283,64 @@ class MetricsHttpServer:
         self._server.server_close()
 
 
-def start_metrics_http_server(metrics: Metrics, host: str,
-                              port: int) -> tuple[MetricsHttpServer, int]:
+def start_metrics_http_server(metrics: Metrics, host: str, port: int, *,
+                              tls_cert: Path | None = None, tls_key: Path | None = None,
+                              token: str | None = None) -> tuple[MetricsHttpServer, int]:
     """Serve ``metrics.registry`` in the Prometheus text format on ``host:port``.
 
-    ``port`` 0 picks a free port (returned as the second item). Raises OSError if the
-    address cannot be bound.
+    ``port`` 0 picks a free port (returned as the second item). With ``tls_cert`` and
+    ``tls_key`` (PEM) it serves HTTPS only (TLS 1.2 or newer); with ``token`` every request
+    needs ``Authorization: Bearer <token>`` (Prometheus' ``authorization`` scrape setting)
+    and is otherwise answered 401. Raises OSError if the address cannot be bound or the TLS
+    files cannot be read, ssl.SSLError if they do not hold a certificate and its key.
     """
-    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    app = make_wsgi_app(metrics.registry)
+    if token is not None:
+        app = _bearer_only(app, token)
+    server = make_server(host, port, app, _server_class(host), handler_class=_QuietHandler)
+    if tls_cert is not None and tls_key is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(certfile=tls_cert, keyfile=tls_key)
+        # The handshake then runs in the request's own thread, on its first read, not in
+        # the accepting thread, where one stalled client would block every scrape.
+        server.socket = context.wrap_socket(server.socket, server_side=True,
+                                            do_handshake_on_connect=False)
+    thread = threading.Thread(target=server.serve_forever, name="cnnserve-metrics",
+                              daemon=True)
+    thread.start()
     handle = MetricsHttpServer(server, thread)
     return handle, handle.port
+
+
+def _server_class(host: str) -> type[ThreadingWSGIServer]:
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # A failed TLS handshake or a client that hung up: one short line, no traceback.
+            logger.debug("metrics request from %s failed", client_address, exc_info=True)
+    return Server
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape (prometheus_client's server logs none either)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _bearer_only(app: Any, token: str) -> Any:
+    """``app`` behind ``Authorization: Bearer <token>``; 401 without it (constant-time)."""
+    expected = token.encode("utf-8")
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        scheme, _, credential = str(environ.get("HTTP_AUTHORIZATION", "")).strip().partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+                credential.strip().encode("utf-8", "replace"), expected):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("WWW-Authenticate", 'Bearer realm="cnnserve metrics"')])
+        return [b"missing or invalid bearer token\n"]
+    return guarded
