@@ -108,12 +108,21 @@ def choices_of(cls: type, name: str) -> tuple[Any, ...]:
     return _kind(cls, name).choices
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str = "") -> None:
+def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
+              env_prefix: str = "") -> None:
     """Add one flag (or positional argument) per option field of ``cls`` to ``parser``.
+
+    ``parser`` may be an argument group, to show the flags under a heading. Fields named
+    together in the class attribute ``EXCLUSIVE`` (a tuple of name tuples) become mutually
+    exclusive flags: argparse refuses them together as a usage error.
 
     Flags default to None ("not given") so :func:`build_options` can tell a flag from a
     variable from a default. With ``env_prefix``, each help text names its variable.
     """
+    groups: dict[str, Any] = {}
+    for names in getattr(cls, "EXCLUSIVE", ()):
+        group = parser.add_mutually_exclusive_group()
+        groups.update((name, group) for name in names)
     for f in option_fields(cls):
         kind = _kind(cls, f.name)
         help_text = f.metadata["help"]
@@ -141,7 +150,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str = "
                     f.name.upper().removesuffix("S") if kind.repeat else f.name.upper())
             if kind.repeat:
                 options["action"] = "append"
-        parser.add_argument(flag_of(cls, f.name), **options)
+        groups.get(f.name, parser).add_argument(flag_of(cls, f.name), **options)
 
 
 def build_options(cls: type[T], flags: Mapping[str, Any], environ: Mapping[str, str] = {},

@@ -1,6 +1,7 @@
 """Image classification datasets by name, as uint8 ``[N, C, H, W]`` arrays with int64 labels.
 
-Names (see :func:`load_dataset`):
+Names (see :func:`load_dataset`; :mod:`cnnserve.common.data.registry` lists them, one
+entry per dataset):
 
 ``fashion-mnist`` (default)
     The original IDX files that Debian's ``dataset-fashion-mnist`` installs under
@@ -28,24 +29,22 @@ standard library are imported (the client's batch job reuses this module without
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cnnserve.common.errors import CnnserveError
+from cnnserve.common.data import registry
+from cnnserve.common.data.registry import SPLITS as SPLITS
+from cnnserve.common.data.registry import DatasetError as DatasetError
+from cnnserve.common.data.registry import parse_dataset_ref as parse_dataset_ref
 
 if TYPE_CHECKING:
     from cnnserve.common.data.sources import RawDataset
 
 DEFAULT_DATASET = "fashion-mnist"
-#: Names accepted by :func:`load_dataset` besides ``idx:<dir>`` and ``synthetic:CxHxW``.
-DATASET_NAMES = ("fashion-mnist", "mnist", "digits", "synthetic")
-SPLITS = ("train", "val", "test")
-
-
-class DatasetError(CnnserveError):
-    """A dataset that is unknown, missing, corrupt or fails its checksum."""
+#: Names accepted by :func:`load_dataset` without an argument (``idx:DIR`` needs one); the
+#: full list, with help, is :mod:`cnnserve.common.data.registry`.
+DATASET_NAMES = registry.plain_names()
 
 
 @dataclass(frozen=True)
@@ -117,20 +116,7 @@ def load_split(name: str, split: str, *, seed: int = 0, val_fraction: float = 0.
 
 
 def _load_raw(name: str, *, download: bool) -> RawDataset:
-    # Imported here: dataset_sources imports ImageSet and DatasetError from this module.
-    from cnnserve.common.data import sources
-    if name == "fashion-mnist":
-        return sources.load_fashion_mnist(download=download)
-    if name == "mnist":
-        return sources.load_mnist(download=download)
-    if name == "digits":
-        return sources.load_digits()
-    if name == "synthetic" or name.startswith("synthetic:"):
-        return sources.load_synthetic(name.partition(":")[2])
-    if name.startswith("idx:"):
-        return sources.load_idx_folder(Path(name[4:]).expanduser())
-    raise DatasetError(f"unknown dataset '{name}'; choose one of {', '.join(DATASET_NAMES)}, "
-                       "synthetic:CxHxW or idx:<folder of IDX files>")
+    return registry.load_raw(name, download=download)
 
 
 def _split(full: ImageSet, *, seed: int, val_fraction: float,
