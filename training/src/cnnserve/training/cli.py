@@ -27,6 +27,20 @@ examples:
   cnnserve train --dataset digits --epochs 20 \\
       --arch "[conv(16, 3, pad=1) -> relu]*2 -> maxpool(2) -> fc(64) -> relu -> fc(10)"
   cnnserve train --resume runs/fashion-cnn/checkpoint.pt --epochs 15
+  cnnserve train --dataset cifar10 --download --arch resnet20 --optimizer sgd --lr 0.1 \\
+      --weight-decay 5e-4 --epochs 60
+  cnnserve train --dataset folder:photos --image-size 64x64 --arch resnet8 --epochs 30
+
+your own images (--dataset folder:DIR): one sub-folder per class; the folder names,
+sorted, are the labels. Any image Pillow reads (PNG, JPEG, WebP, BMP, ...; grayscale, RGB,
+RGBA, palette; any size) is converted to --channels and resized to --image-size (bilinear,
+the same code `cnnserve classify` and the batch job use). With DIR/train and DIR/test those
+are the splits; else 20% of each class (seed 0) is the test set, recorded in the checkpoint.
+  photos/                         photos/train/cat/...   photos/test/cat/...
+    cat/  IMG_0001.jpg  b.png     photos/train/dog/...   photos/test/dog/...
+    dog/  a.webp  c.jpeg
+An unreadable file is reported by path and left out (--on-bad-image fail stops instead).
+A spec's last fc(N) must have N = the number of classes; presets adapt theirs.
 
 outputs in --out: checkpoint.pt, metrics.json, training_curve.png, confusion_matrix.png
 """

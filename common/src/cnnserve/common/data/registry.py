@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from cnnserve.common.errors import CnnserveError
 
@@ -22,8 +22,21 @@ if TYPE_CHECKING:
 #: Splits every dataset has: train and val are carved from the official training split.
 SPLITS = ("train", "val", "test")
 
-#: A loader gets the text after ``NAME:`` ("" when absent) and whether it may download.
-Loader = Callable[[str, bool], "RawDataset"]
+BadImagePolicy = Literal["skip", "fail"]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a dataset is loaded: may it download; what an unreadable image file does."""
+
+    download: bool = False
+    on_bad_image: BadImagePolicy = "skip"
+
+
+#: A loader gets the text after ``NAME:`` ("" when absent) and the load options.
+Loader = Callable[[str, LoadOptions], "RawDataset"]
+#: Turns the text after ``NAME:`` into the canonical one, given --image-size and --channels.
+Canonical = Callable[[str, "tuple[int, int] | None", "int | None"], str]
 
 
 class DatasetError(CnnserveError):
@@ -43,6 +56,8 @@ class DatasetEntry:
     help: str
     usage: str = ""
     argument: str = "none"
+    #: For datasets whose image shape is chosen (folders): the canonical argument.
+    canonical: Canonical | None = None
 
     @property
     def shown(self) -> str:
@@ -50,29 +65,45 @@ class DatasetEntry:
         return self.usage or self.name
 
 
-def _fashion_mnist(_: str, download: bool) -> RawDataset:
+def _fashion_mnist(_: str, options: LoadOptions) -> RawDataset:
     from cnnserve.common.data import sources
-    return sources.load_fashion_mnist(download=download)
+    return sources.load_fashion_mnist(download=options.download)
 
 
-def _mnist(_: str, download: bool) -> RawDataset:
+def _mnist(_: str, options: LoadOptions) -> RawDataset:
     from cnnserve.common.data import sources
-    return sources.load_mnist(download=download)
+    return sources.load_mnist(download=options.download)
 
 
-def _digits(_: str, download: bool) -> RawDataset:
+def _digits(_: str, options: LoadOptions) -> RawDataset:
     from cnnserve.common.data import sources
     return sources.load_digits()
 
 
-def _synthetic(shape: str, download: bool) -> RawDataset:
+def _synthetic(shape: str, options: LoadOptions) -> RawDataset:
     from cnnserve.common.data import sources
     return sources.load_synthetic(shape)
 
 
-def _idx(folder: str, download: bool) -> RawDataset:
+def _idx(folder: str, options: LoadOptions) -> RawDataset:
     from cnnserve.common.data import sources
     return sources.load_idx_folder(Path(folder).expanduser())
+
+
+def _cifar10(folder: str, options: LoadOptions) -> RawDataset:
+    from cnnserve.common.data import cifar
+    return cifar.load_cifar10(folder, download=options.download)
+
+
+def _folder(argument: str, options: LoadOptions) -> RawDataset:
+    from cnnserve.common.data import folders
+    return folders.load_folder(argument, options)
+
+
+def _folder_canonical(argument: str, image_size: tuple[int, int] | None,
+                      channels: int | None) -> str:
+    from cnnserve.common.data import folders
+    return folders.canonical_argument(argument, image_size, channels)
 
 
 DATASETS: tuple[DatasetEntry, ...] = (
@@ -80,6 +111,14 @@ DATASETS: tuple[DatasetEntry, ...] = (
                  "Zalando's 70k 28x28 grayscale clothes, 10 classes"),
     DatasetEntry("mnist", _mnist, "the 70k 28x28 grayscale handwritten digits"),
     DatasetEntry("digits", _digits, "scikit-learn's 1797 8x8 digits, for quick runs"),
+    DatasetEntry("cifar10", _cifar10,
+                 "CIFAR-10's official binary release, 60k 32x32 RGB images, 10 classes, from "
+                 "DIR (default ~/.cache/cnnserve/cifar10) or fetched by --download, "
+                 "md5-checked", usage="cifar10[:DIR]", argument="optional"),
+    DatasetEntry("folder", _folder,
+                 "your own images, one sub-folder per class (optional DIR/train and DIR/test); "
+                 "see --image-size and --channels", usage="folder:DIR", argument="required",
+                 canonical=_folder_canonical),
     DatasetEntry("synthetic", _synthetic,
                  "generated class patterns of any shape (default 1x28x28), for tests",
                  usage="synthetic[:CxHxW]", argument="optional"),
@@ -131,10 +170,27 @@ def resolve(name: str) -> tuple[DatasetEntry, str]:
     return found
 
 
-def load_raw(name: str, *, download: bool = False) -> RawDataset:
+def load_raw(name: str, options: LoadOptions | None = None) -> RawDataset:
     """The official train and test sets of dataset ``name``; raises :class:`DatasetError`."""
     entry, argument = resolve(name)
-    return entry.loader(argument, download)
+    return entry.loader(argument, options or LoadOptions())
+
+
+def canonical_name(name: str, image_size: tuple[int, int] | None = None,
+                   channels: int | None = None) -> str:
+    """The name that loads the same images anywhere (recorded in checkpoints).
+
+    For ``folder:DIR``: ``folder:CxHxW:/absolute/DIR``, the shape from ``image_size``
+    (H, W) and ``channels``, else from the data. Other datasets have a fixed shape: giving
+    either raises :class:`DatasetError`, as does an unknown name.
+    """
+    entry, argument = resolve(name)
+    if entry.canonical is not None:
+        return f"{entry.name}:{entry.canonical(argument, image_size, channels)}"
+    if image_size is not None or channels is not None:
+        raise DatasetError(f"--image-size and --channels choose the input of folder: "
+                           f"datasets; '{name}' has a fixed image shape")
+    return name
 
 
 def parse_dataset_ref(ref: str, default_split: str = "test") -> tuple[str, str]:

@@ -185,6 +185,10 @@ def evaluate(path: Path, dataset: str | None = None, split: str = "test", *,
     name = dataset or default_ds
     if not name:
         raise EvaluationError(f"{path} does not record its dataset; pass --dataset")
+    if dataset:  # a folder: given by hand is read at the model's input size
+        shape = (tuple(_session(_onnx_path(path)).get_inputs()[0].shape[1:]) if onnx
+                 else tuple(ckpt.input_shape))
+        name = _sized(name, shape)
     data = load_split(name, split, seed=seed, download=download)
     started = time.monotonic()
     preds = (evaluate_onnx(path, data.images, batch_size) if onnx
@@ -197,6 +201,16 @@ def evaluate(path: Path, dataset: str | None = None, split: str = "test", *,
     accuracy = float((preds == data.labels).mean()) if len(preds) else 0.0
     return Evaluation(str(path), "onnx" if onnx else "checkpoint", name, split, len(preds),
                       accuracy, names, per_class_accuracy(cm), cm, seconds)
+
+
+def _sized(name: str, shape: tuple[Any, ...]) -> str:
+    """``name`` read at image ``shape`` (C, H, W) when it is a dataset of chosen shape."""
+    from cnnserve.common.data import registry
+
+    entry, _ = registry.resolve(name)
+    if entry.canonical is None or not all(isinstance(d, int) for d in shape):
+        return name
+    return registry.canonical_name(name, (int(shape[1]), int(shape[2])), int(shape[0]))
 
 
 def _onnx_dataset(path: Path) -> str:

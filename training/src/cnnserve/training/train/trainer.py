@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cnnserve.common.data.datasets import Dataset, load_dataset
+from cnnserve.common.data.registry import canonical_name
 from cnnserve.common.preprocess import channel_stats
 from cnnserve.training.train.checkpoint import Checkpoint
 from cnnserve.training.train.config import TrainConfig
@@ -26,11 +27,31 @@ from cnnserve.training.train.data import augment_batch, predict_logits, to_tenso
 from cnnserve.training.train.network import build_network
 from cnnserve.training.train.optim import make_optimizer, make_scheduler, stretch_cosine
 from cnnserve.training.train.progress import Progress
-from cnnserve.training.train.spec import format_spec, parse_spec, resolve_arch
+from cnnserve.training.train.spec import (
+    PRESETS,
+    format_spec,
+    parse_spec,
+    resolve_arch,
+    with_classes,
+)
 
 #: --augment per dataset: (max shift in px, horizontal flips). Clothes survive a mirror,
 #: digits do not; Fashion-MNIST items are centred, so they get a smaller shift than digits.
-AUGMENT_POLICY: dict[str, tuple[int, bool]] = {"fashion-mnist": (1, True), "mnist": (2, False)}
+#: CIFAR-10 gets the usual 4 px padded crops and flips (He et al.).
+AUGMENT_POLICY: dict[str, tuple[int, bool]] = {"fashion-mnist": (1, True), "mnist": (2, False),
+                                               "cifar10": (4, True)}
+
+
+def augment_policy(name: str, shape: tuple[int, int, int]) -> tuple[int, bool]:
+    """(max shift in px, flips) for dataset ``name`` of images ``shape``: the table above,
+    else RGB images (photos) shift by an eighth of their size and flip, grayscale ones
+    (often text or digits) shift by a sixteenth and never flip."""
+    base = name.split(":")[0] if name.startswith("cifar10") else name
+    if base in AUGMENT_POLICY:
+        return AUGMENT_POLICY[base]
+    if shape[0] == 3:
+        return max(1, min(shape[1:]) // 8), True
+    return max(1, min(shape[1:]) // 16), False
 
 __all__ = ["EpochStats", "TrainConfig", "TrainResult", "resume_config", "run_epoch", "train"]
 
@@ -136,21 +157,27 @@ class _Run:
         state = _train_state(self, seconds)
         return replace(self.meta, state_dict=weights, train_state=state,
                        metrics=_summary(self.arch_name, self.history, self.best,
-                                        test_accuracy, seconds))
+                                        test_accuracy, seconds, self.data.info))
 
 
 def _setup(config: TrainConfig, dataset: Dataset | None, resume: Checkpoint | None) -> _Run:
     torch.manual_seed(config.seed)
     arch_name, spec_text = resolve_arch(config.arch)
     layers = parse_spec(spec_text)
-    data = dataset or load_dataset(config.dataset, seed=config.seed,
-                                   val_fraction=config.val_fraction, download=config.download)
+    data = dataset or load_dataset(
+        canonical_name(config.dataset, config.image_hw(), config.channels), seed=config.seed,
+        val_fraction=config.val_fraction, download=config.download,
+        on_bad_image=config.on_bad_image)
+    if config.arch in PRESETS:  # presets end in fc(10); they fit any number of classes
+        layers = with_classes(layers, len(data.class_names))
     model = build_network(layers, data.input_shape, len(data.class_names))
     mean, std = channel_stats(data.train.images)  # training split only: no leakage
     opt = make_optimizer(config, model)
     gen = torch.Generator().manual_seed(config.seed)
     background = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)])
-    shift, flip = AUGMENT_POLICY.get(data.name, (max(1, min(data.input_shape[1:]) // 16), False))
+    shift, flip = augment_policy(data.name, data.input_shape)
+    jitter = config.color_jitter if data.input_shape[0] == 3 else 0.0
+    pixel_stats = (torch.tensor(mean), torch.tensor(std))
     run = _Run(
         config, arch_name, data, model, opt, make_scheduler(config, opt), gen,
         to_tensor(data.train.images, mean, std), torch.from_numpy(data.train.labels),
@@ -158,8 +185,8 @@ def _setup(config: TrainConfig, dataset: Dataset | None, resume: Checkpoint | No
         Checkpoint(spec=format_spec(layers), input_shape=data.input_shape,
                    class_names=data.class_names, mean=mean, std=std, dataset=data.name,
                    metrics={}, state_dict={}),
-        (lambda xb: augment_batch(xb, background, flip, gen, shift)) if config.augment
-        else None)
+        (lambda xb: augment_batch(xb, background, flip, gen, shift, jitter=jitter,
+                                  stats=pixel_stats)) if config.augment else None)
     if resume is not None:
         _restore(resume, run)
         stretch_cosine(run.sched, opt, config.epochs)
@@ -214,7 +241,8 @@ def _finish(run: _Run, started: float) -> TrainResult:
     assert last.train_state is not None
     last.train_state["elapsed_seconds"] = seconds
     ckpt = replace(last, state_dict=copy.deepcopy(run.model.state_dict()),
-                   metrics=_summary(run.arch_name, run.history, run.best, test_acc, seconds))
+                   metrics=_summary(run.arch_name, run.history, run.best, test_acc, seconds,
+                                    run.data.info))
     return TrainResult(ckpt, run.history, run.best.epoch, test_loss, test_pred.numpy(),
                        run.data.test.labels, seconds, {"arch_name": run.arch_name})
 
@@ -271,10 +299,14 @@ def resume_config(ckpt: Checkpoint, epochs: int | None) -> TrainConfig:
 
 
 def _summary(arch_name: str, history: list[EpochStats], best: _Best,
-             test_accuracy: float | None, seconds: float | None = None) -> dict[str, Any]:
-    """The short metrics stored inside the checkpoint (metrics.json has the full set)."""
+             test_accuracy: float | None, seconds: float | None = None,
+             dataset_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The short metrics stored inside the checkpoint (metrics.json has the full set), with
+    how the dataset was read and split (a folder's split rule and file counts)."""
     out: dict[str, Any] = {"arch": arch_name, "epochs": len(history), "best_epoch": best.epoch,
                            "val_accuracy": best.accuracy}
+    if dataset_info:
+        out["dataset_info"] = dict(dataset_info)
     if test_accuracy is not None:
         out["test_accuracy"] = test_accuracy
     if seconds is not None:
