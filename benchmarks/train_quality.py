@@ -15,6 +15,7 @@ Usage::
     python benchmarks/train_quality.py                 # full run (minutes; run on a quiet machine)
     python benchmarks/train_quality.py --epochs 1      # smoke test: targets are not judged
     python benchmarks/train_quality.py --only lenet5 --json
+    python benchmarks/train_quality.py --only resnet8-rgb --nproc-per-node 2   # data-parallel
 
 Exit status 0 when every judged target passes, 1 otherwise.
 """
@@ -76,6 +77,7 @@ class Row:
     passed: bool | None = None       # None: not judged (epochs overridden)
     error: str = ""
     command: str = ""
+    processes: int = 1               # --nproc-per-node (data-parallel ranks)
 
     def to_dict(self) -> dict[str, object]:
         """JSON form for --json."""
@@ -86,8 +88,10 @@ class Row:
         return out
 
 
-def run_recipe(recipe: Recipe, out: Path, epochs: int | None, threads: int | None) -> Row:
-    """Run one recipe in a fresh ``cnnserve train`` process and judge it."""
+def run_recipe(recipe: Recipe, out: Path, epochs: int | None, threads: int | None,
+               processes: int = 1) -> Row:
+    """Run one recipe in a fresh ``cnnserve train`` process (or ``processes`` data-parallel
+    ranks) and judge it."""
     args = list(recipe.args)
     if epochs is not None:
         args = [a for i, a in enumerate(args)
@@ -95,11 +99,14 @@ def run_recipe(recipe: Recipe, out: Path, epochs: int | None, threads: int | Non
         args += ["--epochs", str(epochs)]
     if threads is not None:
         args += ["--threads", str(threads)]
+    if processes > 1:
+        args += ["--nproc-per-node", str(processes)]
     command = [sys.executable, "-m", "cnnserve.cli", "train", "--dataset", recipe.dataset,
                "--arch", recipe.arch, "--out", str(out), "--quiet", *args]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    row = Row(recipe, time.monotonic() - started, command=" ".join(command[2:]))
+    row = Row(recipe, time.monotonic() - started, command=" ".join(command[2:]),
+              processes=processes)
     if done.returncode != 0:
         row.error = (done.stderr.strip().splitlines() or ["failed"])[-1]
         row.passed = False
@@ -116,7 +123,8 @@ def run_recipe(recipe: Recipe, out: Path, epochs: int | None, threads: int | Non
 
 def format_table(rows: list[Row]) -> str:
     """The results as a fixed-width text table."""
-    lines = [f"{'dataset':<18} {'arch':<12} {'epochs':>6} {'seconds':>8} {'s/epoch':>8} "
+    lines = [f"{'dataset':<18} {'arch':<12} {'procs':>5} {'epochs':>6} {'seconds':>8} "
+             f"{'s/epoch':>8} "
              f"{'test acc':>9} {'target':>16} {'pass':>5}"]
     for r in rows:
         limit = f" in {r.recipe.max_seconds:.0f}s" if r.recipe.max_seconds else ""
@@ -126,7 +134,7 @@ def format_table(rows: list[Row]) -> str:
         per_epoch = r.training_seconds / r.epochs if r.epochs else 0.0
         dataset = r.recipe.dataset.split(":")[0] if r.recipe.dataset.startswith("cifar10:") \
             else r.recipe.dataset
-        lines.append(f"{dataset:<18} {r.recipe.arch:<12} {r.epochs:>6} "
+        lines.append(f"{dataset:<18} {r.recipe.arch:<12} {r.processes:>5} {r.epochs:>6} "
                      f"{r.seconds:>8.1f} {per_epoch:>8.1f} {acc:>9} {target:>16} {verdict:>5}"
                      + (f"  {r.error}" if r.error else ""))
     return "\n".join(lines)
@@ -140,6 +148,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, help="override the epochs (smoke test; targets "
                                                    "are then not judged)")
     parser.add_argument("--threads", type=int, help="pass --threads to cnnserve train")
+    parser.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                        help="train each recipe data-parallel in N processes (default: 1)")
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temp folder)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
@@ -148,7 +158,8 @@ def main() -> int:
         base = args.out or Path(tmp)
         rows: list[Row] = []
         for recipe in recipes:
-            rows.append(run_recipe(recipe, base / recipe.name, args.epochs, args.threads))
+            rows.append(run_recipe(recipe, base / recipe.name, args.epochs, args.threads,
+                                   args.nproc_per_node))
             print(f"finished {recipe.name} in {rows[-1].seconds:.0f} s", file=sys.stderr,
                   flush=True)
     print(json.dumps([r.to_dict() for r in rows], indent=2) if args.json

@@ -12,9 +12,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cnnserve.common.errors import CnnserveError
+from cnnserve.common.options import build_options, flag_of, option_fields
+from cnnserve.training.train.config import RECIPE, TrainConfig, TrainRunOptions
+
+if TYPE_CHECKING:
+    from cnnserve.training.train.parallel import Parallel
 
 _TRAIN_EPILOG = """\
 architecture spec (--arch "SPEC" or --arch @FILE), presets:
@@ -57,7 +62,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 def _register_train(sub: argparse._SubParsersAction[Any]) -> None:
     from cnnserve.common.options import add_flags
     from cnnserve.training.train import spec
-    from cnnserve.training.train.config import TrainConfig, TrainRunOptions
+    from cnnserve.training.train.config import LaunchOptions
 
     presets = "\n".join(f"  {name:<12} {text}" for name, text in spec.PRESETS.items())
     language = (spec.__doc__ or "").split("\n\n", 1)[1].replace("::", ":").replace("``", "")
@@ -70,6 +75,9 @@ def _register_train(sub: argparse._SubParsersAction[Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p.add_argument_group("data, model and recipe"), TrainConfig)
     add_flags(p.add_argument_group("run"), TrainRunOptions)
+    add_flags(p.add_argument_group("data-parallel training (torch.distributed; also "
+                                   "`torchrun ... -m cnnserve.training.distributed FLAGS`)"),
+              LaunchOptions)
     p.set_defaults(handler=_train)
 
 
@@ -96,45 +104,95 @@ def _quiet_openmp() -> None:
 def _train(args: argparse.Namespace) -> int:
     _quiet_openmp()
     from cnnserve.common.options import build_options
-    from cnnserve.training.train.config import RECIPE, TrainConfig, TrainRunOptions
+    from cnnserve.training.train.config import LaunchOptions, TrainRunOptions
     from cnnserve.training.train.spec import parse_spec, resolve_arch
 
     flags = vars(args)
     run = build_options(TrainRunOptions, flags)
+    launch = build_options(LaunchOptions, flags)
     if flags.get("arch") is not None:  # fail on a bad spec before paying for torch and data
         parse_spec(resolve_arch(flags["arch"])[1])
+    if launch.nproc_per_node is not None:
+        from cnnserve.training.train.launch import launch as launch_ranks
+
+        _check_recipe_flags(flags, run)
+        return launch_ranks(launch, _train_argv(flags), _out_dir(flags, run))
+    from cnnserve.training.train import parallel as par
+
+    rank = par.from_environment()  # set by torchrun; a single process otherwise
+    par.start(rank)
+    try:
+        return _train_rank(flags, run, rank)
+    finally:
+        par.stop(rank)
+
+
+def _train_rank(flags: dict[str, Any], run: TrainRunOptions, rank: Parallel) -> int:
     from cnnserve.training.train import report, trainer
     from cnnserve.training.train.checkpoint import load_checkpoint, save_checkpoint
+    from cnnserve.training.train.parallel import threads_per_rank
     from cnnserve.training.train.progress import Progress
 
-    resume = None
-    if run.resume is not None:
-        if given := [k for k in RECIPE if flags.get(k) is not None]:
-            names = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise CnnserveError(f"--resume continues the recipe stored in the checkpoint; "
-                                f"drop {names} (only --epochs may change)")
-        resume = load_checkpoint(run.resume)
+    _check_recipe_flags(flags, run)
+    resume = None if run.resume is None else load_checkpoint(run.resume)
+    if resume is not None:
         config = trainer.resume_config(resume, flags.get("epochs"))
-        out = run.out or run.resume.parent
     else:
         config = build_options(TrainConfig, flags)
-        out = run.out or Path("runs") / _slug(f"{config.arch}-{config.dataset}")
     if run.download:
         config = dataclasses.replace(config, download=True)
-    if run.threads is not None:
+    if run.threads is not None or rank.active:
         import torch
 
-        torch.set_num_threads(run.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    result = trainer.train(
-        config, resume=resume, progress=Progress.for_terminal(run.quiet),
-        on_epoch=lambda ckpt: save_checkpoint(ckpt, out / report.CHECKPOINT_FILE))
+        torch.set_num_threads(run.threads or threads_per_rank(rank))
+    out = _out_dir(flags, run)
+    if rank.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    result = trainer.train_rank(
+        config, resume=resume, progress=Progress.for_terminal(run.quiet or not rank.is_main),
+        on_epoch=lambda ckpt: save_checkpoint(ckpt, out / report.CHECKPOINT_FILE),
+        parallel=rank)
+    if result is None:  # not rank 0: rank 0 writes every file
+        return 0
     run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()
                 if k != "handler" and v is not None}
     metrics = report.write_outputs(result, config, out, run_args)
     if not run.quiet:
         print(report.format_summary(metrics, out))
     return 0
+
+
+def _check_recipe_flags(flags: dict[str, Any], run: TrainRunOptions) -> None:
+    if run.resume is not None and (given := [k for k in RECIPE if flags.get(k) is not None]):
+        names = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise CnnserveError(f"--resume continues the recipe stored in the checkpoint; "
+                            f"drop {names} (only --epochs may change)")
+
+
+def _out_dir(flags: dict[str, Any], run: TrainRunOptions) -> Path:
+    """--out, else the resumed checkpoint's folder, else runs/ARCH-DATASET."""
+    if run.out is not None:
+        return run.out
+    if run.resume is not None:
+        return run.resume.parent
+    config = build_options(TrainConfig, flags)  # also checks the recipe before any launch
+    return Path("runs") / _slug(f"{config.arch}-{config.dataset}")
+
+
+def _train_argv(flags: dict[str, Any]) -> list[str]:
+    """The recipe and run flags given, as a command line for each rank (no launch flags)."""
+    argv: list[str] = []
+    for cls in (TrainConfig, TrainRunOptions):
+        for f in option_fields(cls):
+            value = flags.get(f.name)
+            if value is None:
+                continue
+            flag = flag_of(cls, f.name)
+            if isinstance(value, bool):
+                argv.append(flag if value else "--no-" + flag[2:])
+            else:
+                argv += [flag, str(value)]
+    return argv
 
 
 def _slug(text: str) -> str:

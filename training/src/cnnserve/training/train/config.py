@@ -141,6 +141,34 @@ class TrainRunOptions:
 
 
 @dataclass(frozen=True)
+class LaunchOptions:
+    """Data-parallel training: how many processes, on how many machines."""
+
+    nproc_per_node: int | None = option(
+        None, "train data-parallel in N processes on this machine (torch.distributed, gloo, "
+        "through torchrun's engine): --batch-size is the global batch, split evenly, the "
+        "learning rate is unchanged, batch norm is synchronised; threads per process: cores "
+        "/ N (default: one process)", metavar="N")
+    nnodes: int = option(1, "machines taking part, each running this command (default: 1)",
+                         metavar="M")
+    node_rank: int = option(0, "this machine's rank among --nnodes, 0..M-1 (default: 0)",
+                            metavar="R")
+    master_addr: str | None = option(
+        None, "address of the machine with --node-rank 0 (default: a local rendezvous on "
+        "127.0.0.1 when --nnodes is 1)", metavar="ADDR")
+    master_port: int = option(29500, "port of that machine (default: 29500)", metavar="PORT")
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node is not None and self.nproc_per_node < 1:
+            raise CnnserveError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise CnnserveError(f"--node-rank must be in 0..{self.nnodes - 1} and --nnodes "
+                                f">= 1, got {self.node_rank} of {self.nnodes}")
+        if self.nnodes > 1 and self.master_addr is None:
+            raise CnnserveError("--nnodes > 1 needs --master-addr (node 0's address)")
+
+
+@dataclass(frozen=True)
 class EvaluateOptions:
     """Everything ``cnnserve evaluate`` is configured by."""
 
