@@ -46,10 +46,8 @@ def write_shapes_folder(root: Path, per_class: int = 30, seed: int = 0) -> dict[
             image.save(root / label / f"{i:03d}.{fmt}")
     special = {"corrupt": root / "circle" / "broken.jpg", "gray": root / "square" / "gray.png",
                "palette": root / "triangle" / "palette.png"}
-    good = (root / "circle" / "000.png").read_bytes()
     shape_image("circle", (24, 24), rng).save(special["corrupt"])
     special["corrupt"].write_bytes(special["corrupt"].read_bytes()[:60])  # truncated
-    assert good
     shape_image("square", (30, 22), rng).convert("L").save(special["gray"])
     shape_image("triangle", (20, 20), rng).convert("P").save(special["palette"])
     return special
