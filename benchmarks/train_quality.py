@@ -5,12 +5,17 @@ test evaluation all count towards its time); the table shows test accuracy again
 
     fashion-cnn on fashion-mnist   `cnnserve train` with no options   >= 92.0 % within 600 s
     lenet5 on mnist                --arch lenet5 --dataset mnist ...  >= 99.0 %
+    resnet8, resnet20 on synthetic:3x32x32   speed per epoch of the residual presets on RGB
+                                   32x32 images (CIFAR-sized; the accuracy is not judged)
+    resnet8 on cifar10             only when CNNSERVE_CIFAR10=DIR names the binary release
+                                   (or --download fetches it): >= 80 % after 30 epochs of SGD
 
 Usage::
 
     python benchmarks/train_quality.py                 # full run (minutes; run on a quiet machine)
     python benchmarks/train_quality.py --epochs 1      # smoke test: targets are not judged
     python benchmarks/train_quality.py --only lenet5 --json
+    python benchmarks/train_quality.py --only resnet8-rgb --nproc-per-node 2   # data-parallel
 
 Exit status 0 when every judged target passes, 1 otherwise.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -39,10 +45,24 @@ class Recipe:
     max_seconds: float | None        # wall-clock limit of the whole command, or None
 
 
+_SGD = ("--optimizer", "sgd", "--lr", "0.1", "--weight-decay", "5e-4", "--batch-size", "128")
 RECIPES = (
     Recipe("fashion-cnn", "fashion-mnist", "fashion-cnn", (), 0.92, 600.0),
     Recipe("lenet5", "mnist", "lenet5", ("--epochs", "15", "--augment"), 0.99, None),
+    # Speed rows: a target of 0 judges only that the run completes.
+    Recipe("resnet8-rgb", "synthetic:3x32x32", "resnet8", ("--epochs", "3", *_SGD), 0.0, None),
+    Recipe("resnet20-rgb", "synthetic:3x32x32", "resnet20", ("--epochs", "3", *_SGD), 0.0,
+           None),
 )
+
+
+def cifar_recipes() -> tuple[Recipe, ...]:
+    """The CIFAR-10 row, when CNNSERVE_CIFAR10 names a folder with the binary release."""
+    folder = os.environ.get("CNNSERVE_CIFAR10")
+    if not folder:
+        return ()
+    return (Recipe("resnet8-cifar10", f"cifar10:{folder}", "resnet8",
+                   ("--epochs", "30", *_SGD, "--color-jitter", "0.2"), 0.80, None),)
 
 
 @dataclass
@@ -57,6 +77,7 @@ class Row:
     passed: bool | None = None       # None: not judged (epochs overridden)
     error: str = ""
     command: str = ""
+    processes: int = 1               # --nproc-per-node (data-parallel ranks)
 
     def to_dict(self) -> dict[str, object]:
         """JSON form for --json."""
@@ -67,8 +88,10 @@ class Row:
         return out
 
 
-def run_recipe(recipe: Recipe, out: Path, epochs: int | None, threads: int | None) -> Row:
-    """Run one recipe in a fresh ``cnnserve train`` process and judge it."""
+def run_recipe(recipe: Recipe, out: Path, epochs: int | None, threads: int | None,
+               processes: int = 1) -> Row:
+    """Run one recipe in a fresh ``cnnserve train`` process (or ``processes`` data-parallel
+    ranks) and judge it."""
     args = list(recipe.args)
     if epochs is not None:
         args = [a for i, a in enumerate(args)
@@ -76,11 +99,14 @@ def run_recipe(recipe: Recipe, out: Path, epochs: int | None, threads: int | Non
         args += ["--epochs", str(epochs)]
     if threads is not None:
         args += ["--threads", str(threads)]
-    command = [sys.executable, "-m", "cnnserve", "train", "--dataset", recipe.dataset,
+    if processes > 1:
+        args += ["--nproc-per-node", str(processes)]
+    command = [sys.executable, "-m", "cnnserve.cli", "train", "--dataset", recipe.dataset,
                "--arch", recipe.arch, "--out", str(out), "--quiet", *args]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    row = Row(recipe, time.monotonic() - started, command=" ".join(command[2:]))
+    row = Row(recipe, time.monotonic() - started, command=" ".join(command[2:]),
+              processes=processes)
     if done.returncode != 0:
         row.error = (done.stderr.strip().splitlines() or ["failed"])[-1]
         row.passed = False
@@ -97,35 +123,43 @@ def run_recipe(recipe: Recipe, out: Path, epochs: int | None, threads: int | Non
 
 def format_table(rows: list[Row]) -> str:
     """The results as a fixed-width text table."""
-    lines = [f"{'dataset':<14} {'arch':<12} {'epochs':>6} {'seconds':>8} {'test acc':>9} "
-             f"{'target':>16} {'pass':>5}"]
+    lines = [f"{'dataset':<18} {'arch':<12} {'procs':>5} {'epochs':>6} {'seconds':>8} "
+             f"{'s/epoch':>8} "
+             f"{'test acc':>9} {'target':>16} {'pass':>5}"]
     for r in rows:
         limit = f" in {r.recipe.max_seconds:.0f}s" if r.recipe.max_seconds else ""
         target = f">={r.recipe.target_accuracy * 100:.1f}%{limit}"
         acc = "error" if r.test_accuracy is None else f"{r.test_accuracy * 100:.2f}%"
         verdict = {True: "yes", False: "NO", None: "n/a"}[r.passed]
-        lines.append(f"{r.recipe.dataset:<14} {r.recipe.arch:<12} {r.epochs:>6} "
-                     f"{r.seconds:>8.1f} {acc:>9} {target:>16} {verdict:>5}"
+        per_epoch = r.training_seconds / r.epochs if r.epochs else 0.0
+        dataset = r.recipe.dataset.split(":")[0] if r.recipe.dataset.startswith("cifar10:") \
+            else r.recipe.dataset
+        lines.append(f"{dataset:<18} {r.recipe.arch:<12} {r.processes:>5} {r.epochs:>6} "
+                     f"{r.seconds:>8.1f} {per_epoch:>8.1f} {acc:>9} {target:>16} {verdict:>5}"
                      + (f"  {r.error}" if r.error else ""))
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=[r.name for r in RECIPES], action="append",
+    recipes_known = (*RECIPES, *cifar_recipes())
+    parser.add_argument("--only", choices=[r.name for r in recipes_known], action="append",
                         help="run only this recipe (repeatable)")
     parser.add_argument("--epochs", type=int, help="override the epochs (smoke test; targets "
                                                    "are then not judged)")
     parser.add_argument("--threads", type=int, help="pass --threads to cnnserve train")
+    parser.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                        help="train each recipe data-parallel in N processes (default: 1)")
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temp folder)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
-    recipes = [r for r in RECIPES if not args.only or r.name in args.only]
+    recipes = [r for r in recipes_known if not args.only or r.name in args.only]
     with tempfile.TemporaryDirectory(prefix="cnnserve-quality-") as tmp:
         base = args.out or Path(tmp)
         rows: list[Row] = []
         for recipe in recipes:
-            rows.append(run_recipe(recipe, base / recipe.name, args.epochs, args.threads))
+            rows.append(run_recipe(recipe, base / recipe.name, args.epochs, args.threads,
+                                   args.nproc_per_node))
             print(f"finished {recipe.name} in {rows[-1].seconds:.0f} s", file=sys.stderr,
                   flush=True)
     print(json.dumps([r.to_dict() for r in rows], indent=2) if args.json

@@ -7,17 +7,10 @@ import sys
 
 import pytest
 
-from cnnserve.cli.usage import DATASET_NAMES
-from cnnserve.common.data import datasets
-
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cnnserve.cli", *args], capture_output=True,
                           text=True, timeout=120)
-
-
-def test_the_cli_knows_the_same_dataset_names_as_the_loader() -> None:
-    assert DATASET_NAMES == datasets.DATASET_NAMES
 
 
 @pytest.mark.parametrize("command", [("train", "--dataset", "nosuch", "--epochs", "1"),

@@ -55,7 +55,8 @@ def test_bad_values_and_usage_errors(tmp_path: Path) -> None:
     assert done.returncode == 1 and "--epochs must be >= 1" in done.stderr
     assert cnnserve("train", "--optimizer", "rmsprop").returncode == 2
     done = cnnserve("train", "--dataset", "nope", "--out", str(tmp_path))
-    assert done.returncode == 1 and "unknown dataset 'nope'" in done.stderr
+    # A dataset name is a usage error now (exit 2, as the README promises), found by argparse.
+    assert done.returncode == 2 and "unknown dataset 'nope'" in done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +122,23 @@ def test_evaluate_of_a_file_that_is_no_checkpoint(tmp_path: Path) -> None:
     assert done.returncode == 1 and "not a cnnserve checkpoint" in done.stderr
     done = cnnserve("evaluate", str(tmp_path / "missing.pt"), "--dataset", "digits")
     assert done.returncode == 1 and "checkpoint not found" in done.stderr
+
+
+def test_options_classes_generate_the_flags_and_their_defaults() -> None:
+    import argparse
+
+    from cnnserve.common.options import add_flags, build_options
+    from cnnserve.training.export.options import ExportOptions
+    from cnnserve.training.train.config import EvaluateOptions, TrainConfig
+
+    for cls, fixed in ((TrainConfig, {}), (ExportOptions, {}),
+                       (EvaluateOptions, {"model": Path("m.pt")})):
+        parser = argparse.ArgumentParser()
+        add_flags(parser, cls)
+        flags = vars(parser.parse_args(["m.pt"] if cls is EvaluateOptions else []))
+        assert build_options(cls, flags, **fixed) == cls(**fixed)  # type: ignore[operator]
+    parser = argparse.ArgumentParser()
+    add_flags(parser, TrainConfig)
+    flags = vars(parser.parse_args(["--lr", "0.5", "--no-augment"]))
+    config = build_options(TrainConfig, flags)
+    assert config.lr == 0.5 and config.augment is False and config.epochs == 24

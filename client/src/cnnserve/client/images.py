@@ -8,88 +8,29 @@ classifies a photo in one line::
 
     client.classify("fashion", "shoe.jpg", top_k=3)
 
-Conversions: EXIF orientation is applied; transparent pixels are composited over black (the
-background of MNIST-style datasets); 16-bit and 32-bit images are scaled to 8 bits; an image
-already at the target size and mode is not resampled, so its pixels arrive unchanged.
+The conversion is :mod:`cnnserve.common.images`, the one implementation training on image
+folders uses too: EXIF orientation is applied; transparent pixels are composited over black
+(the background of MNIST-style datasets); 16-bit and 32-bit images are scaled to 8 bits; the
+resize is bilinear; an image already at the target size and mode is not resampled, so its
+pixels arrive unchanged.
 """
 
 from __future__ import annotations
 
-import io
-import struct
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from cnnserve.client.errors import ImageError, InvalidInputError
+from cnnserve.common import images as common_images
+from cnnserve.common.images import Fit
+
+__all__ = ["Fit", "ImageSource", "load_image", "load_images", "to_pixels"]
 
 ImageSource = str | Path | bytes | Image.Image
-Fit = Literal["stretch", "pad", "crop"]
-
-#: Errors Pillow raises for unreadable, truncated or malformed files.
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-                  struct.error, Image.DecompressionBombError, Image.DecompressionBombWarning)
-
-
-def _open(source: ImageSource) -> tuple[Image.Image, str]:
-    if isinstance(source, Image.Image):
-        return source, "<PIL image>"
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            image.load()  # decode now, so a truncated file fails here, not later
-    except FileNotFoundError as exc:
-        raise ImageError(f"image not found: {name}") from exc
-    except _DECODE_ERRORS as exc:
-        raise ImageError(f"cannot read image {name}: {exc or type(exc).__name__}") from exc
-    return image, name
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """Scale 16/32-bit integer and float images to 8-bit grayscale ("L")."""
-    values = np.asarray(image)
-    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
-        scaled = np.clip(values.astype(np.float64) / 257.0, 0, 255)
-    else:  # "I" that already fits 0..255, or "F" taken as 0..255
-        scaled = np.clip(values.astype(np.float64), 0, 255)
-    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
-
-
-def _convert(image: Image.Image, channels: int) -> Image.Image:
-    """Convert to "L" (channels 1) or "RGB" (channels 3)."""
-    image = ImageOps.exif_transpose(image) or image
-    if image.mode.startswith("I") or image.mode == "F":
-        image = _to_8bit(image)
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, rgba)
-    target = {1: "L", 3: "RGB"}.get(channels)
-    if target is None:
-        raise InvalidInputError(f"images can be converted to 1 (grayscale) or 3 (RGB) channels, "
-                                f"the model wants {channels}")
-    return image if image.mode == target else image.convert(target)
-
-
-def _resize(image: Image.Image, width: int, height: int, fit: Fit) -> Image.Image:
-    if image.size == (width, height):
-        return image
-    resample = Image.Resampling.BILINEAR
-    if fit == "stretch":
-        return image.resize((width, height), resample)
-    if fit == "crop":
-        return ImageOps.fit(image, (width, height), resample)
-    if fit == "pad":
-        return ImageOps.pad(image, (width, height), resample, color=0)
-    raise ValueError(f"fit must be 'stretch', 'pad' or 'crop', got {fit!r}")
 
 
 def load_image(source: ImageSource, shape: tuple[int, int, int], *,
@@ -101,14 +42,12 @@ def load_image(source: ImageSource, shape: tuple[int, int, int], *,
     (centre crop). Raises :class:`ImageError` if the file is missing, truncated or not an
     image, and :class:`InvalidInputError` if ``shape`` has other than 1 or 3 channels.
     """
-    channels, height, width = shape
-    image, name = _open(source)
     try:
-        image = _resize(_convert(image, channels), width, height, fit)
-        pixels = np.asarray(image, dtype=np.uint8)
-    except _DECODE_ERRORS as exc:  # a lazily decoded frame can still fail here
-        raise ImageError(f"cannot convert image {name}: {exc}") from exc
-    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1).copy()
+        return common_images.load_image(source, shape, fit=fit)
+    except common_images.ImageReadError as exc:
+        raise ImageError(str(exc)) from exc
+    except common_images.ImageShapeError as exc:
+        raise InvalidInputError(f"{exc}: the model wants {shape[0]}") from exc
 
 
 def load_images(sources: Sequence[ImageSource], shape: tuple[int, int, int], *,

@@ -29,7 +29,8 @@ _MISSING: Any = dataclasses.MISSING
 
 def option(default: Any = _MISSING, help: str = "", *, flag: str = "",
            aliases: tuple[str, ...] = (), positional: bool = False, metavar: str = "",
-           env: bool = True, default_factory: Any = _MISSING, repr: bool = True) -> Any:
+           env: bool = True, default_factory: Any = _MISSING, repr: bool = True,
+           parse: Callable[[str], Any] | None = None) -> Any:
     """A dataclass field that is also a command-line option.
 
     ``flag`` overrides the flag derived from the field name (``grpc_port`` -> ``--grpc-port``);
@@ -37,10 +38,12 @@ def option(default: Any = _MISSING, help: str = "", *, flag: str = "",
     ``--model-repository``), listed beside the flag in ``--help``;
     ``positional`` makes it an argument (required unless it has a default); ``env`` False
     keeps it out of the environment (secrets on the command line are worse, paths of one run
-    are no setting). ``help`` should end with the default and give units.
+    are no setting). ``parse`` replaces the parser the annotation implies (it may raise
+    ``argparse.ArgumentTypeError``, a usage error naming what is allowed). ``help`` should end
+    with the default and give units.
     """
     metadata = {"help": help, "flag": flag, "aliases": tuple(aliases),
-                "positional": positional, "metavar": metavar, "env": env}
+                "positional": positional, "metavar": metavar, "env": env, "parse": parse}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata, repr=repr)
     return dataclasses.field(default=default, metadata=metadata, repr=repr)
@@ -96,7 +99,8 @@ def _kind(cls: type, name: str) -> _Kind:
         hint = type(choices[0])
     parsers: dict[Any, Callable[[str], Any]] = {Path: Path, int: int, float: float,
                                                 bool: parse_bool}
-    parse = parsers.get(hint, str)
+    custom = cls.__dataclass_fields__[name].metadata.get("parse")  # type: ignore[attr-defined]
+    parse = custom or parsers.get(hint, str)
     return _Kind(parse, choices, repeat, hint is bool and not repeat, optional)
 
 
@@ -116,8 +120,13 @@ def aliases_of(cls: type, name: str) -> tuple[str, ...]:
     return tuple(f.metadata.get("aliases", ()))
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str = "") -> None:
+def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
+              env_prefix: str = "") -> None:
     """Add one flag (or positional argument) per option field of ``cls`` to ``parser``.
+
+    ``parser`` may be an argument group, to show the flags under a heading. Fields named
+    together in the class attribute ``EXCLUSIVE`` (a tuple of name tuples) become mutually
+    exclusive flags: argparse refuses them together as a usage error.
 
     Flags default to None ("not given") so :func:`build_options` can tell a flag from a
     variable from a default. With ``env_prefix``, each help text names its variable. A
@@ -125,6 +134,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str = "
     so the last one given wins, as with a repeated flag). A boolean flag also takes an
     explicit value, ``--x=false`` (Triton's form), besides ``--x`` and ``--no-x``.
     """
+    groups: dict[str, Any] = {}
+    for names in getattr(cls, "EXCLUSIVE", ()):
+        group = parser.add_mutually_exclusive_group()
+        groups.update((name, group) for name in names)
     for f in option_fields(cls):
         kind = _kind(cls, f.name)
         help_text = f.metadata["help"]
@@ -141,8 +154,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str = "
             parser.add_argument(f.name, **positional)
             continue
         if kind.boolean:
-            _add_boolean(parser, (flag_of(cls, f.name), *aliases_of(cls, f.name)), f.name,
-                         help_text)
+            flags = (flag_of(cls, f.name), *aliases_of(cls, f.name))
+            _add_boolean(groups.get(f.name, parser), flags, f.name, help_text)
             continue
         options: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text,
                                    "type": kind.parse}
@@ -153,7 +166,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str = "
                 f.name.upper().removesuffix("S") if kind.repeat else f.name.upper())
         if kind.repeat:
             options["action"] = "append"
-        parser.add_argument(flag_of(cls, f.name), *aliases_of(cls, f.name), **options)
+        groups.get(f.name, parser).add_argument(flag_of(cls, f.name),
+                                                *aliases_of(cls, f.name), **options)
 
 
 def _bool_value(text: str) -> bool:
@@ -163,8 +177,8 @@ def _bool_value(text: str) -> bool:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _add_boolean(parser: argparse.ArgumentParser, flags: tuple[str, ...], dest: str,
-                 help_text: str) -> None:
+def _add_boolean(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                 flags: tuple[str, ...], dest: str, help_text: str) -> None:
     """``--x`` (true), ``--x=VALUE`` / ``--x VALUE`` (Triton's form) and ``--no-x`` (false)."""
     parser.add_argument(*flags, dest=dest, default=None, nargs="?", const=True,
                         type=_bool_value, metavar="BOOL",

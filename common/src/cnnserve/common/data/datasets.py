@@ -1,6 +1,7 @@
 """Image classification datasets by name, as uint8 ``[N, C, H, W]`` arrays with int64 labels.
 
-Names (see :func:`load_dataset`):
+Names (see :func:`load_dataset`; :mod:`cnnserve.common.data.registry` lists them, one
+entry per dataset):
 
 ``fashion-mnist`` (default)
     The original IDX files that Debian's ``dataset-fashion-mnist`` installs under
@@ -27,25 +28,25 @@ standard library are imported (the client's batch job reuses this module without
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cnnserve.common.errors import CnnserveError
+from cnnserve.common.data import registry
+from cnnserve.common.data.registry import SPLITS as SPLITS
+from cnnserve.common.data.registry import BadImagePolicy, LoadOptions
+from cnnserve.common.data.registry import DatasetError as DatasetError
+from cnnserve.common.data.registry import parse_dataset_ref as parse_dataset_ref
 
 if TYPE_CHECKING:
     from cnnserve.common.data.sources import RawDataset
 
 DEFAULT_DATASET = "fashion-mnist"
-#: Names accepted by :func:`load_dataset` besides ``idx:<dir>`` and ``synthetic:CxHxW``.
-DATASET_NAMES = ("fashion-mnist", "mnist", "digits", "synthetic")
-SPLITS = ("train", "val", "test")
-
-
-class DatasetError(CnnserveError):
-    """A dataset that is unknown, missing, corrupt or fails its checksum."""
+#: Names accepted by :func:`load_dataset` without an argument (``idx:DIR`` needs one); the
+#: full list, with help, is :mod:`cnnserve.common.data.registry`.
+DATASET_NAMES = registry.plain_names()
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Dataset:
     train: ImageSet
     val: ImageSet
     test: ImageSet
+    #: How the source was read and split (folder datasets: root, split rule, file counts).
+    info: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -85,20 +88,22 @@ class Dataset:
 
 
 def load_dataset(name: str = DEFAULT_DATASET, *, seed: int = 0, val_fraction: float = 0.1,
-                 download: bool = False) -> Dataset:
+                 download: bool = False, on_bad_image: BadImagePolicy = "skip") -> Dataset:
     """Load dataset ``name`` and split its training set into train/validation.
 
     ``val_fraction`` (0 < f < 1) of the official training images, chosen by a permutation
     seeded with ``seed``, form the validation split; the same seed always gives the same
     split. ``download=True`` fetches missing official files (sha256-verified) into the cache
-    folder ``~/.cache/cnnserve``. Raises :class:`DatasetError` for an unknown name or missing,
-    corrupt or mismatching files.
+    folder ``~/.cache/cnnserve``; ``on_bad_image`` says whether an unreadable image file of
+    a folder dataset is left out (logged) or fatal. Raises :class:`DatasetError` for an
+    unknown name or missing, corrupt or mismatching files.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    raw = _load_raw(name, download=download)
+    raw = _load_raw(name, download=download, on_bad_image=on_bad_image)
     train, val = _split(raw.train, seed=seed, val_fraction=val_fraction, name=name)
-    return Dataset(name=name, class_names=raw.class_names, train=train, val=val, test=raw.test)
+    return Dataset(name=name, class_names=raw.class_names, train=train, val=val, test=raw.test,
+                   info=raw.info)
 
 
 def load_split(name: str, split: str, *, seed: int = 0, val_fraction: float = 0.1,
@@ -116,21 +121,9 @@ def load_split(name: str, split: str, *, seed: int = 0, val_fraction: float = 0.
     return ds.train if split == "train" else ds.val
 
 
-def _load_raw(name: str, *, download: bool) -> RawDataset:
-    # Imported here: dataset_sources imports ImageSet and DatasetError from this module.
-    from cnnserve.common.data import sources
-    if name == "fashion-mnist":
-        return sources.load_fashion_mnist(download=download)
-    if name == "mnist":
-        return sources.load_mnist(download=download)
-    if name == "digits":
-        return sources.load_digits()
-    if name == "synthetic" or name.startswith("synthetic:"):
-        return sources.load_synthetic(name.partition(":")[2])
-    if name.startswith("idx:"):
-        return sources.load_idx_folder(Path(name[4:]).expanduser())
-    raise DatasetError(f"unknown dataset '{name}'; choose one of {', '.join(DATASET_NAMES)}, "
-                       "synthetic:CxHxW or idx:<folder of IDX files>")
+def _load_raw(name: str, *, download: bool, on_bad_image: BadImagePolicy = "skip"
+              ) -> RawDataset:
+    return registry.load_raw(name, LoadOptions(download=download, on_bad_image=on_bad_image))
 
 
 def _split(full: ImageSet, *, seed: int, val_fraction: float,

@@ -17,8 +17,10 @@ import pickle
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +70,8 @@ class RawDataset:
     class_names: tuple[str, ...]
     train: ImageSet
     test: ImageSet
+    #: How the source was read and split, recorded with a model trained on it.
+    info: Mapping[str, Any] = field(default_factory=dict)
 
 
 def cache_dir() -> Path:
@@ -85,16 +89,28 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_sha256(path: Path, expected: str, remedy: str) -> None:
-    """Raise :class:`DatasetError` (with ``remedy``) unless ``path`` has sha256 ``expected``."""
-    actual = sha256_file(path)
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of the file at ``path`` (``sha256`` or ``md5``), read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm)
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str, remedy: str, algorithm: str = "sha256") -> None:
+    """Raise :class:`DatasetError` (with ``remedy``) unless ``path`` has digest ``expected``
+    (sha256 unless ``algorithm`` says ``md5``, for releases that publish only an md5)."""
+    actual = file_digest(path, algorithm)
     if actual != expected:
-        raise DatasetError(f"checksum mismatch for {path}: sha256 {actual}, expected {expected}; "
+        raise DatasetError(f"checksum mismatch for {path}: {algorithm} {actual}, expected "
+                           f"{expected}; "
                            f"the file is corrupt or not the official release, so it will not be "
                            f"used. {remedy}")
 
 
-def download(urls: tuple[str, ...], file_name: str, sha256: str, dest: Path) -> Path:
+def download(urls: tuple[str, ...], file_name: str, sha256: str, dest: Path, *,
+             algorithm: str = "sha256") -> Path:
     """Fetch ``file_name`` from the first of ``urls`` that answers, into folder ``dest``.
 
     The file is verified against ``sha256`` before it is renamed into place, so a bad or
@@ -110,7 +126,7 @@ def download(urls: tuple[str, ...], file_name: str, sha256: str, dest: Path) -> 
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
                     out.write(chunk)
-            verify_sha256(tmp, sha256, f"The download from {url} was refused.")
+            verify_sha256(tmp, sha256, f"The download from {url} was refused.", algorithm)
             final = dest / file_name
             tmp.replace(final)
             return final

@@ -18,48 +18,79 @@ fails the export with the dataset's own error (``verify_dataset`` names another 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, get_args
 
 import numpy as np
 
+from cnnserve.common import options
 from cnnserve.common.repository import CONFIG_FILE, MODEL_FILE, VersionConfig, list_versions
 from cnnserve.training.export import writer as repo
-from cnnserve.training.export.builder import ExportError, VersionBuilder
+from cnnserve.training.export.builder import Built, ExportError, VersionBuilder
+from cnnserve.training.export.options import ExportOptions, Quantize
 from cnnserve.training.export.verify import ParityReport
 from cnnserve.training.export.writer import next_version
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportOptions", "ExportResult", "export_checkpoint", "next_version"]
+__all__ = ["ExportError", "ExportOptions", "ExportResult", "check_options", "export_checkpoint",
+           "next_version"]
 
-QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHOICES: tuple[str, ...] = get_args(Quantize)
 MIN_OPSET = 13
 
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What one export wrote and the figures that justified writing it."""
+    """What one export wrote and the figures that justified writing it (``built``)."""
 
     version_dir: Path
     version: int
     model_path: Path
     config: VersionConfig
-    #: "fp32", "fp16" or "int8": the precision of the written graph.
-    precision: str
-    #: "dynamo" or "torchscript": the torch.onnx exporter that produced the graph.
-    exporter: str
-    #: The FP32 graph against PyTorch (always checked).
-    parity: ParityReport
-    #: The written FP16/INT8 graph against PyTorch; None for FP32 or unverified FP16.
-    reduced_parity: ParityReport | None = None
-    #: Test-split top-1 accuracy in percent, by graph ("fp32", and "int8" or "fp16").
-    accuracy: dict[str, float] = field(default_factory=dict)
-    #: CPU images per second at batch size ``throughput_batch_size``, by graph (INT8 only).
-    throughput: dict[str, float] = field(default_factory=dict)
-    throughput_batch_size: int = 0
-    #: Why a reduced-precision graph was not verified (empty when it was).
-    unverified_reason: str = ""
+    #: The figures of the written graph: precision, exporter, parity, accuracy, speed.
+    built: Built
+
+    @property
+    def precision(self) -> str:
+        """"fp32", "fp16" or "int8": the precision of the written graph."""
+        return self.built.precision
+
+    @property
+    def exporter(self) -> str:
+        """"dynamo" or "torchscript": the torch.onnx exporter that produced the graph."""
+        return self.built.exporter
+
+    @property
+    def parity(self) -> ParityReport:
+        """The FP32 graph against PyTorch (always checked)."""
+        return self.built.parity
+
+    @property
+    def reduced_parity(self) -> ParityReport | None:
+        """The written FP16/INT8 graph against PyTorch; None for FP32 or unverified FP16."""
+        return self.built.reduced_parity
+
+    @property
+    def accuracy(self) -> dict[str, float]:
+        """Test-split top-1 accuracy in percent, by graph ("fp32", and "int8" or "fp16")."""
+        return self.built.accuracy
+
+    @property
+    def throughput(self) -> dict[str, float]:
+        """CPU images per second at ``throughput_batch_size``, by graph (INT8 only)."""
+        return self.built.throughput
+
+    @property
+    def throughput_batch_size(self) -> int:
+        """Batch size of :attr:`throughput` (0 when not measured)."""
+        return self.built.throughput_batch_size
+
+    @property
+    def unverified_reason(self) -> str:
+        """Why a reduced-precision graph was not verified (empty when it was)."""
+        return self.built.unverified_reason
 
     def summary(self) -> str:
         """Multi-line human summary: parity tables, accuracy, speed, where it was written."""
@@ -79,45 +110,21 @@ class ExportResult:
         return "\n".join(parts)
 
 
-@dataclass(frozen=True)
-class ExportOptions:
-    """Verification knobs of :func:`export_checkpoint` beyond the common ones."""
-
-    #: Dataset to verify on instead of the checkpoint's own (same image shape required).
-    verify_dataset: str | None = None
-    #: Test images compared with PyTorch at every batch size (accuracy uses all of them).
-    verify_images: int = 1024
-    #: Max abs logit difference allowed for an FP16 graph (FP32 uses ``tolerance``).
-    fp16_tolerance: float = 5e-2
-    #: Largest allowed drop of test accuracy, in percentage points, for FP16/INT8 graphs.
-    max_accuracy_drop: float = 0.5
-    #: Training images used to calibrate INT8 activation ranges.
-    calibration_images: int = 512
-    #: Seconds spent timing each graph for the INT8 speed comparison (0 skips it).
-    benchmark_seconds: float = 1.0
-    #: Batch size of the speed comparison.
-    benchmark_batch_size: int = 64
-    #: Write an FP16 graph that ONNX Runtime here cannot run, instead of failing.
-    allow_unverified_fp16: bool = False
-
-
-def export_checkpoint(checkpoint_path: Path, repository: Path, name: str, *,
-                      version: int | None = None, opset: int = 17, max_batch_size: int = 256,
-                      quantize: str | None = None, fp16: bool = False,
-                      tolerance: float = 1e-4, force: bool = False,
-                      options: ExportOptions | None = None) -> ExportResult:
+def export_checkpoint(checkpoint_path: Path, repository: Path, name: str,
+                      options: ExportOptions | None = None, **changes: Any) -> ExportResult:
     """Export the checkpoint at ``checkpoint_path`` as ``repository/name/version``.
 
-    ``version`` defaults to the next free one; an existing version is refused unless
-    ``force``. ``quantize="int8"`` or ``fp16=True`` write a reduced-precision graph instead
-    of FP32 (not both); ``options`` tunes verification. Raises :class:`ExportError` for bad
-    arguments, a failed check, a missing verification dataset (quoting the dataset's error)
-    or a taken version, and CheckpointError (a :class:`CnnserveError`) for an unreadable
-    checkpoint. Nothing is written on failure.
+    ``options`` (default :class:`ExportOptions()`) with ``changes`` applied
+    (``version=5, quantize="int8"``...) say how: the version defaults to the next free one;
+    an existing version is refused unless ``force``; ``quantize="int8"`` or ``fp16=True``
+    write a reduced-precision graph instead of FP32 (not both). Raises :class:`ExportError`
+    for bad options, a failed check, a missing verification dataset (quoting the dataset's
+    error) or a taken version, TypeError for an unknown keyword, and CheckpointError (a
+    :class:`CnnserveError`) for an unreadable checkpoint. Nothing is written on failure.
     """
-    opts = options or ExportOptions()
-    precision = _check_arguments(name, version, opset, max_batch_size, quantize, fp16,
-                                 tolerance, opts)
+    opts = replace(options or ExportOptions(), **changes)
+    check_options(name, opts)
+    precision, version, force = opts.precision, opts.version, opts.force
     model_dir = Path(repository) / name
     if version is not None and version in list_versions(model_dir) and not force:
         raise ExportError(f"version {version} of model '{name}' already exists in "
@@ -126,11 +133,11 @@ def export_checkpoint(checkpoint_path: Path, repository: Path, name: str, *,
     created = not model_dir.exists()
     staging = repo.stage(model_dir)
     try:
-        built = builder.build(staging, precision=precision, opset=opset,
-                              max_batch_size=max_batch_size, tolerance=tolerance)
+        built = builder.build(staging, precision=precision, opset=opts.opset,
+                              max_batch_size=opts.max_batch_size, tolerance=opts.tolerance)
         if version is None:
             version = next_version(model_dir)
-        config = builder.config(name, built, max_batch_size=max_batch_size)
+        config = builder.config(name, built, max_batch_size=opts.max_batch_size)
         (staging / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
         try:
             target = repo.publish(staging, model_dir, version, force=force)
@@ -142,40 +149,36 @@ def export_checkpoint(checkpoint_path: Path, repository: Path, name: str, *,
     # After the version: a server that sees no model.json uses these same defaults.
     repo.ensure_policy(model_dir)
     log.debug("wrote %s version %d of '%s' to %s", precision, version, name, target)
-    return ExportResult(
-        version_dir=target, version=version, model_path=target / MODEL_FILE, config=config,
-        precision=precision, exporter=built.exporter, parity=built.parity,
-        reduced_parity=built.reduced_parity, accuracy=built.accuracy,
-        throughput=built.throughput, throughput_batch_size=built.throughput_batch_size,
-        unverified_reason=built.unverified_reason)
+    return ExportResult(version_dir=target, version=version, model_path=target / MODEL_FILE,
+                        config=config, built=built)
 
 
-def _check_arguments(name: str, version: int | None, opset: int, max_batch_size: int,
-                     quantize: str | None, fp16: bool, tolerance: float,
-                     opts: ExportOptions) -> str:
-    """Validate the arguments before any work; return the precision to write."""
+def check_options(name: str, opts: ExportOptions) -> None:
+    """Validate the model name and every option before any work; raise :class:`ExportError`."""
     import onnx
 
     try:
         repo.check_model_name(name)
     except repo.RepositoryWriteError as exc:
         raise ExportError(str(exc)) from exc
-    if version is not None and version < 1:
-        raise ExportError(f"--version must be a positive integer, got {version}")
+    if opts.version is not None and opts.version < 1:
+        raise ExportError(f"--version must be a positive integer, got {opts.version}")
     newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= newest:
-        raise ExportError(f"--opset must be between {MIN_OPSET} and {newest}, got {opset}")
-    if max_batch_size < 1:
-        raise ExportError(f"--max-batch-size must be >= 1, got {max_batch_size}")
-    if quantize is not None and quantize not in QUANTIZE_CHOICES:
-        raise ExportError(f"--quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
-    if quantize and fp16:
-        raise ExportError("--quantize int8 and --fp16 are mutually exclusive: pick one precision")
-    if not (np.isfinite(tolerance) and tolerance >= 0):
-        raise ExportError(f"--tolerance must be a finite number >= 0, got {tolerance}")
+    if not MIN_OPSET <= opts.opset <= newest:
+        raise ExportError(f"--opset must be between {MIN_OPSET} and {newest}, got {opts.opset}")
+    if opts.max_batch_size < 1:
+        raise ExportError(f"--max-batch-size must be >= 1, got {opts.max_batch_size}")
+    if opts.quantize is not None and opts.quantize not in QUANTIZE_CHOICES:
+        raise ExportError(f"--quantize must be one of {QUANTIZE_CHOICES}, "
+                          f"got {opts.quantize!r}")
+    for names in opts.EXCLUSIVE:
+        if len(given := [n for n in names if getattr(opts, n) not in (None, False)]) > 1:
+            flags = " and ".join(options.flag_of(ExportOptions, n) for n in given)
+            raise ExportError(f"{flags} are mutually exclusive: pick one")
+    if not (np.isfinite(opts.tolerance) and opts.tolerance >= 0):
+        raise ExportError(f"--tolerance must be a finite number >= 0, got {opts.tolerance}")
     if not (opts.fp16_tolerance >= 0 and opts.max_accuracy_drop >= 0):
         raise ExportError("--fp16-tolerance and --max-accuracy-drop must be >= 0")
-    if opts.verify_images < 1 or opts.calibration_images < 1:
-        raise ExportError("--verify-images and --calibration-images must be >= 1")
-    return "int8" if quantize else "fp16" if fp16 else "fp32"
-
+    if opts.verify_images < 1 or opts.calibration_images < 1 or opts.benchmark_batch_size < 1:
+        raise ExportError("--verify-images, --calibration-images and --benchmark-batch-size "
+                          "must be >= 1")

@@ -34,9 +34,13 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
 
 
 def augment_batch(x: torch.Tensor, background: torch.Tensor, flip: bool,
-                  generator: torch.Generator, shift: int = 2) -> torch.Tensor:
-    """Shift each image by up to ``shift`` px (filled with ``background`` per channel) and,
-    if ``flip``, mirror half of them left-right. ``x`` is normalised ``[B, C, H, W]``."""
+                  generator: torch.Generator, shift: int = 2, *, jitter: float = 0.0,
+                  stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Shift each image by up to ``shift`` px (a random crop of the image padded with
+    ``background`` per channel) and, if ``flip``, mirror half of them left-right; with
+    ``jitter`` > 0 and ``stats`` (per-channel mean, std of the normalisation), scale each
+    image's brightness and contrast by factors in [1-jitter, 1+jitter]. ``x`` is normalised
+    ``[B, C, H, W]``; every random draw comes from ``generator``, so a seed repeats a run."""
     b, c, h, w = x.shape
     padded = background.view(1, c, 1, 1).expand(b, c, h + 2 * shift, w + 2 * shift).clone()
     padded[:, :, shift:shift + h, shift:shift + w] = x
@@ -49,4 +53,19 @@ def augment_batch(x: torch.Tensor, background: torch.Tensor, flip: bool,
     if flip:
         mirror = torch.rand(b, generator=generator) < 0.5
         out[mirror] = out[mirror].flip(-1)
+    if jitter > 0 and stats is not None:
+        out = _jitter(out, jitter, stats, generator)
+    return out
+
+
+def _jitter(x: torch.Tensor, amount: float, stats: tuple[torch.Tensor, torch.Tensor],
+            generator: torch.Generator) -> torch.Tensor:
+    """Brightness and contrast jitter in pixel space (0..1), then normalised again."""
+    b, c = x.shape[:2]
+    mean, std = (s.view(1, c, 1, 1) for s in stats)
+    pixels = x * std + mean
+    factors = 1 + (torch.rand(2, b, 1, 1, 1, generator=generator) * 2 - 1) * amount
+    grey = pixels.mean(dim=(1, 2, 3), keepdim=True)
+    pixels = ((pixels - grey) * factors[1] + grey) * factors[0]
+    out: torch.Tensor = (pixels.clamp(0, 1) - mean) / std
     return out

@@ -185,11 +185,14 @@ def evaluate(path: Path, dataset: str | None = None, split: str = "test", *,
     name = dataset or default_ds
     if not name:
         raise EvaluationError(f"{path} does not record its dataset; pass --dataset")
-    if default_ds and name != default_ds and labels:
+    shape: tuple[Any, ...] = ()
+    if dataset:  # a folder given by hand is read at the model's input size
+        shape = (tuple(_session(_onnx_path(path)).get_inputs()[0].shape[1:]) if onnx
+                 else tuple(ckpt.input_shape))
+        name = _sized(name, shape)
+    if default_ds and dataset and dataset != default_ds and labels:
         # Another dataset with other classes would score chance (9% for Fashion-MNIST on
         # MNIST) and look like a broken model: refuse, naming both class lists.
-        shape = (tuple(ckpt.input_shape) if not onnx
-                 else tuple(_session(_onnx_path(path)).get_inputs()[0].shape[1:]))
         data = _split_of_matching(path, labels, shape, default_ds, name, split, seed, download)
     else:
         data = load_split(name, split, seed=seed, download=download)
@@ -229,6 +232,16 @@ def _split_of_matching(path: Path, labels: Sequence[str], shape: tuple[Any, ...]
 def _short(names: Sequence[str]) -> str:
     shown = ", ".join(names[:4])
     return f"{shown}, ... ({len(names)})" if len(names) > 4 else shown
+
+
+def _sized(name: str, shape: tuple[Any, ...]) -> str:
+    """``name`` read at image ``shape`` (C, H, W) when it is a dataset of chosen shape."""
+    from cnnserve.common.data import registry
+
+    entry, _ = registry.resolve(name)
+    if entry.canonical is None or not all(isinstance(d, int) for d in shape):
+        return name
+    return registry.canonical_name(name, (int(shape[1]), int(shape[2])), int(shape[0]))
 
 
 def _onnx_dataset(path: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from cnnserve.training.train.spec import InputLayer, Layer, SpecError
@@ -69,6 +70,13 @@ def infer_shapes(layers: list[Layer], input_shape: tuple[int, int, int],
             continue
         if layer.kind in ("conv", "maxpool", "avgpool"):
             shape = _spatial(rows, layer, shape)
+        elif layer.kind == "res":
+            # Both convolutions are 3x3 with padding 1: only the first one's stride matters.
+            conv = Layer("conv", (("out", layer.arg("out")), ("k", 3.0),
+                                  ("stride", layer.arg("stride")), ("pad", 1.0)))
+            shape = _spatial(rows, conv, shape)
+        elif layer.kind == "gap":
+            shape = (shape[0],)
         elif layer.kind in ("fc", "flatten"):
             flat = 1
             for d in shape:
@@ -121,8 +129,37 @@ def build_network(layers: list[Layer], input_shape: tuple[int, int, int],
     return nn.Sequential(*modules)
 
 
+class ResidualBlock(nn.Module):
+    """The basic block of He et al.: two 3x3 conv+bn, the input added before the last relu.
+
+    The shortcut is the identity when shapes match, else a strided 1x1 conv + bn projection.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        result: torch.Tensor = torch.relu(out + self.shortcut(x))
+        return result
+
+
 def _module(layer: Layer, in_shape: tuple[int, ...]) -> nn.Module:
     kind = layer.kind
+    if kind == "res":
+        return ResidualBlock(in_shape[0], layer.int_arg("out"), layer.int_arg("stride"))
+    if kind == "gap":
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     if kind == "conv":
         return nn.Conv2d(in_shape[0], layer.int_arg("out"), layer.int_arg("k"),
                          stride=layer.int_arg("stride"), padding=layer.int_arg("pad"))

@@ -15,9 +15,14 @@ Layers (arguments positional or by name; sizes in pixels):
     relu | tanh | sigmoid         activations
     dropout(p=0.5)                dropout with drop probability p
     flatten                       optional: inserted automatically before the first fc
+    res(out, stride=1)            residual basic block (He et al.): conv3x3(stride) -> bn
+                                  -> relu -> conv3x3 -> bn, plus the input (through a 1x1
+                                  conv + bn projection when channels or size change), relu
+    gap                           global average pooling: C x H x W -> C
     fc(n)                         fully connected layer with n outputs
 
-``[ ... ]*N`` repeats a group N times, e.g. ``[conv(32, 3, pad=1) -> relu]*2 -> maxpool(2)``.
+``[ ... ]*N`` repeats a group N times, e.g. ``[conv(32, 3, pad=1) -> relu]*2 -> maxpool(2)``
+or ``[res(32)]*3``.
 Whitespace and newlines are free; ``#`` starts a comment (handy in ``@file`` specs). The
 last layer must be ``fc(n)`` with n = number of classes; the network outputs logits.
 
@@ -41,6 +46,13 @@ PRESETS: dict[str, str] = {
                " -> fc(120) -> relu -> fc(84) -> relu -> fc(10)"),
     "fashion-cnn": ("conv(16, 5, pad=2) -> bn -> relu -> maxpool(2)"
                     " -> conv(32, 5, pad=2) -> bn -> relu -> maxpool(2) -> fc(10)"),
+    # The CIFAR ResNets of He et al. (2015), section 4.2: 6n+2 layers, n=3 and n=1, with
+    # projection shortcuts where the shape changes (their option B).
+    "resnet20": ("conv(16, 3, pad=1) -> bn -> relu -> [res(16)]*3"
+                 " -> res(32, stride=2) -> [res(32)]*2 -> res(64, stride=2) -> [res(64)]*2"
+                 " -> gap -> fc(10)"),
+    "resnet8": ("conv(16, 3, pad=1) -> bn -> relu -> res(16) -> res(32, stride=2)"
+                " -> res(64, stride=2) -> gap -> fc(10)"),
 }
 
 # Parameter names of each layer kind, in positional order, with defaults (None: required).
@@ -49,6 +61,8 @@ _PARAMS: dict[str, tuple[tuple[str, float | None], ...]] = {
     "maxpool": (("k", None), ("stride", 0), ("pad", 0)),
     "avgpool": (("k", None), ("stride", 0), ("pad", 0)),
     "fc": (("out", None),),
+    "res": (("out", None), ("stride", 1)),
+    "gap": (),
     "dropout": (("p", 0.5),),
     "bn": (), "relu": (), "tanh": (), "sigmoid": (), "flatten": (),
 }
@@ -277,16 +291,24 @@ def _check_structure(layers: list[Layer]) -> None:
     for i, layer in enumerate(layers):
         if isinstance(layer, InputLayer) and i > 0:
             raise SpecError(f"'input' may only be the first item (it is item {i + 1})")
-    seen_fc = next((i for i, layer in enumerate(layers) if layer.kind in ("fc", "flatten")), None)
+    flat = ("fc", "flatten", "gap")
+    seen_fc = next((i for i, layer in enumerate(layers) if layer.kind in flat), None)
     if seen_fc is not None:
         for layer in layers[seen_fc + 1:]:
-            if layer.kind in ("conv", "maxpool", "avgpool", "flatten"):
-                raise SpecError(f"'{layer}' cannot follow a flatten/fc layer: convolutions and "
-                                "pooling come before the fully connected part")
+            if layer.kind in ("conv", "maxpool", "avgpool", "res", *flat[1:]):
+                raise SpecError(f"'{layer}' cannot follow a flatten/gap/fc layer: convolutions,"
+                                " residual blocks and pooling come before the fully connected "
+                                "part")
     if not layers or layers[-1].kind != "fc":
         last = layers[-1] if layers else "nothing"
         raise SpecError(f"the spec must end with fc(N), the classifier layer; it ends with "
                         f"'{last}'")
+
+
+def with_classes(layers: list[Layer], num_classes: int) -> list[Layer]:
+    """``layers`` with the final ``fc`` giving ``num_classes`` outputs (for presets, which are
+    written for 10 classes, used on a dataset with another number)."""
+    return [*layers[:-1], Layer("fc", (("out", float(num_classes)),))]
 
 
 def format_spec(layers: list[Layer]) -> str:
