@@ -48,6 +48,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._on_models_changed = on_models_changed
         self._inference = Inference(engine, metrics)
 
+    @property
+    def inference(self) -> Inference:
+        """The shared inference path (the REST front end serves its requests with it)."""
+        return self._inference
+
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)

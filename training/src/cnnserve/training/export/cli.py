@@ -9,8 +9,10 @@ from typing import Any
 _DESCRIPTION = """\
 Export a training checkpoint to ONNX into a model repository, as
 REPOSITORY/NAME/VERSION/model.onnx + config.json (and REPOSITORY/NAME/model.json with the
-default serving policy when absent). The graph takes float32 'input' [batch, C, H, W]
-(normalised pixels) and returns float32 'logits' and 'probabilities' [batch, classes].
+default serving policy when absent). The graph takes UINT8 'input' [batch, C, H, W] (raw
+pixels 0..255; the normalisation (x/255 - mean)/std runs inside the graph), or with
+--input float the normalised float32 pixels, and returns float32 'logits' and
+'probabilities' [batch, classes].
 
 The export is verified before anything is written: ONNX Runtime runs the graph on the test
 images of the checkpoint's dataset at batch sizes 1, 7, 64 and --max-batch-size and must
@@ -44,6 +46,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     precision.add_argument("--fp16", action="store_true",
                            help="write an FP16 graph for CUDA serving (float32 inputs and "
                                 "outputs, casts inside)")
+    p.add_argument("--input", choices=["pixels", "float"], default="pixels",
+                   help="pixels: the graph takes UINT8 [batch, C, H, W] pixels and normalises "
+                        "them itself, so any client can send an image's bytes; float: it "
+                        "takes float32 pixels the client normalised (default: %(default)s)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max abs difference of FP32 logits/probabilities vs PyTorch "
                         "(default: %(default)s)")
@@ -76,7 +82,7 @@ def run_export(args: argparse.Namespace) -> int:
         verify_dataset=args.verify_dataset, verify_images=args.verify_images,
         fp16_tolerance=args.fp16_tolerance, max_accuracy_drop=args.max_accuracy_drop,
         calibration_images=args.calibration_images, benchmark_seconds=args.benchmark_seconds,
-        allow_unverified_fp16=args.allow_unverified_fp16)
+        allow_unverified_fp16=args.allow_unverified_fp16, pixel_input=args.input == "pixels")
     result = export_checkpoint(
         args.checkpoint, args.repository, args.name, version=args.version, opset=args.opset,
         max_batch_size=args.max_batch_size, quantize=args.quantize, fp16=args.fp16,

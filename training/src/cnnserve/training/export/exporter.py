@@ -9,7 +9,9 @@ Steps, all inside a hidden staging folder of ``<repository>/<name>/``:
 3. optionally derive an INT8 or FP16 graph (:mod:`.quantize`) and judge it by test accuracy
    against the FP32 graph: a drop of more than ``max_accuracy_drop`` points fails the export
    (FP16 must also stay within ``fp16_tolerance`` of PyTorch's logits);
-4. write metadata, ``config.json``, flush, and rename the folder to ``<name>/<version>``.
+4. unless ``pixel_input`` is off, build the normalisation into the graph (:mod:`.pixels`):
+   ``input`` becomes UINT8 pixels, checked against the float graph on the same images;
+5. write metadata, ``config.json``, flush, and rename the folder to ``<name>/<version>``.
 
 Any failure leaves the repository as it was. Verification needs the dataset: a missing one
 fails the export with the dataset's own error (``verify_dataset`` names another source).
@@ -53,6 +55,8 @@ class ExportResult:
     parity: ParityReport
     #: The written FP16/INT8 graph against PyTorch; None for FP32 or unverified FP16.
     reduced_parity: ParityReport | None = None
+    #: The pixel-input graph against itself fed normalised floats; None for float input.
+    pixel_parity: ParityReport | None = None
     #: Test-split top-1 accuracy in percent, by graph ("fp32", and "int8" or "fp16").
     accuracy: dict[str, float] = field(default_factory=dict)
     #: CPU images per second at batch size ``throughput_batch_size``, by graph (INT8 only).
@@ -66,6 +70,8 @@ class ExportResult:
         parts = [self.parity.format_table()]
         if self.reduced_parity is not None:
             parts.append(self.reduced_parity.format_table())
+        if self.pixel_parity is not None:
+            parts.append(self.pixel_parity.format_table())
         if self.accuracy:
             parts.append("test accuracy: " + ", ".join(
                 f"{k} {v:.2f}%" for k, v in self.accuracy.items()))
@@ -99,6 +105,9 @@ class ExportOptions:
     benchmark_batch_size: int = 64
     #: Write an FP16 graph that ONNX Runtime here cannot run, instead of failing.
     allow_unverified_fp16: bool = False
+    #: Build the preprocessing into the graph: ``input`` takes UINT8 pixels [batch, C, H, W]
+    #: (False: float32, normalised by the client, as before).
+    pixel_input: bool = True
 
 
 def export_checkpoint(checkpoint_path: Path, repository: Path, name: str, *,
@@ -145,7 +154,8 @@ def export_checkpoint(checkpoint_path: Path, repository: Path, name: str, *,
     return ExportResult(
         version_dir=target, version=version, model_path=target / MODEL_FILE, config=config,
         precision=precision, exporter=built.exporter, parity=built.parity,
-        reduced_parity=built.reduced_parity, accuracy=built.accuracy,
+        reduced_parity=built.reduced_parity, pixel_parity=built.pixel_parity,
+        accuracy=built.accuracy,
         throughput=built.throughput, throughput_batch_size=built.throughput_batch_size,
         unverified_reason=built.unverified_reason)
 

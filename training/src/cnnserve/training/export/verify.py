@@ -21,6 +21,8 @@ import torch
 from cnnserve.common.names import INPUT, LOGITS, PROBABILITIES
 
 Array = npt.NDArray[np.float32]
+#: A model's input images: normalised float32, or UINT8 pixels for a pixel-input graph.
+Images = npt.NDArray[np.float32] | npt.NDArray[np.uint8]
 
 #: Output names of every exported model, in graph order.
 
@@ -126,7 +128,7 @@ def open_session(path: str, providers: Sequence[str] = ("CPUExecutionProvider",)
     return ort.InferenceSession(path, sess_options=options, providers=list(providers))
 
 
-def session_outputs(session: ort.InferenceSession, images: Array, batch_size: int) -> Outputs:
+def session_outputs(session: ort.InferenceSession, images: Images, batch_size: int) -> Outputs:
     """Run ``session`` over ``images`` in batches of ``batch_size`` (last one may be short)."""
     logits, probs = [], []
     for i in range(0, len(images), batch_size):
@@ -136,7 +138,7 @@ def session_outputs(session: ort.InferenceSession, images: Array, batch_size: in
     return Outputs(logits=np.concatenate(logits), probabilities=np.concatenate(probs))
 
 
-def compare(reference: Outputs, session: ort.InferenceSession, images: Array,
+def compare(reference: Outputs, session: ort.InferenceSession, images: Images,
             batch_sizes: Sequence[int], *, precision: str, tolerance: float | None
             ) -> ParityReport:
     """Run ``session`` at each batch size and compare with ``reference`` (PyTorch's outputs)."""
