@@ -59,6 +59,7 @@ def start_cnnserve(cnnserve: Path, repository: Path, workdir: Path, name: str = 
     port_file.unlink(missing_ok=True)
     process = _spawn([str(cnnserve), "serve", "--repository", str(repository),
                       "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+                      "--http-port", "0",
                       "--port-file", str(port_file), "--log-level", "WARNING"], log)
     deadline = time.monotonic() + timeout
     while not port_file.exists():

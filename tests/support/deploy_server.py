@@ -68,7 +68,7 @@ def running_server(repository: Path, workdir: Path,
     port_file = workdir / "ports.json"
     log = workdir / "server.log"
     cmd = [str(VENV_BIN / "cnnserve"), "serve", "--repository", str(repository),
-           "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+           "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
            "--port-file", str(port_file), *extra]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
