@@ -2,8 +2,8 @@
 
 ``write_test_model(repo, name, version, kind=...)`` builds one version with the ``onnx``
 package directly (no torch) and writes model.onnx + config.json (VersionConfig.to_json) the
-way ``cnnserve export`` lays them out. Kinds, float32 unless said otherwise, every output row a function of its
-own input row only (so a wrongly split batch shows in the values):
+way ``cnnserve export`` lays them out. Kinds, float32 unless said otherwise, every output row
+a function of its own input row only (so a wrongly split batch shows in the values):
 
 - ``linear``: input "input" [-1,1,4,4] -> Flatten -> MatMul(LINEAR_WEIGHTS) -> "output" [-1,3];
   labels ("zero", "one", "two"). Expected: :func:`linear_expected`.
