@@ -57,6 +57,8 @@ class ParityReport:
     #: Largest allowed max-abs-diff of logits and probabilities; None: not judged by it (int8).
     tolerance: float | None
     rows: tuple[BatchParity, ...]
+    #: What the graph was compared with.
+    reference: str = "PyTorch"
 
     @property
     def max_abs_diff(self) -> float:
@@ -89,6 +91,7 @@ class ParityReport:
     def to_dict(self) -> dict[str, object]:
         """JSON-ready figures for config.json's metrics."""
         return {"precision": self.precision, "provider": self.provider,
+                "reference": self.reference,
                 "tolerance": self.tolerance, "images": self.images,
                 "max_abs_diff": self.max_abs_diff, "argmax_mismatches": self.argmax_mismatches,
                 "batches": [asdict(r) for r in self.rows]}
@@ -96,7 +99,8 @@ class ParityReport:
     def format_table(self) -> str:
         """A fixed-width table, one row per batch size."""
         tol = "none" if self.tolerance is None else f"{self.tolerance:.1e}"
-        head = (f"parity {self.precision} ({self.provider}) vs PyTorch, tolerance {tol}\n"
+        head = (f"parity {self.precision} ({self.provider}) vs {self.reference}, tolerance "
+                f"{tol}\n"
                 "  batch  images  max|dlogits|  max|dprobs|  argmax diff")
         lines = [f"  {r.batch_size:5d}  {r.images:6d}  {r.max_abs_diff_logits:11.3e}  "
                  f"{r.max_abs_diff_probabilities:11.3e}  {r.argmax_mismatches:11d}"
