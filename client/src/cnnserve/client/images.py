@@ -16,23 +16,21 @@ already at the target size and mode is not resampled, so its pixels arrive uncha
 from __future__ import annotations
 
 import io
-import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from cnnserve.client.errors import ImageError, InvalidInputError
+from cnnserve.common.images import DECODE_ERRORS, ImageDecodeError, convert_image
 
 ImageSource = str | Path | bytes | Image.Image
 Fit = Literal["stretch", "pad", "crop"]
 
-#: Errors Pillow raises for unreadable, truncated or malformed files.
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-                  struct.error, Image.DecompressionBombError, Image.DecompressionBombWarning)
+_DECODE_ERRORS = DECODE_ERRORS
 
 
 def _open(source: ImageSource) -> tuple[Image.Image, str]:
@@ -51,32 +49,12 @@ def _open(source: ImageSource) -> tuple[Image.Image, str]:
     return image, name
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """Scale 16/32-bit integer and float images to 8-bit grayscale ("L")."""
-    values = np.asarray(image)
-    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
-        scaled = np.clip(values.astype(np.float64) / 257.0, 0, 255)
-    else:  # "I" that already fits 0..255, or "F" taken as 0..255
-        scaled = np.clip(values.astype(np.float64), 0, 255)
-    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
-
-
 def _convert(image: Image.Image, channels: int) -> Image.Image:
-    """Convert to "L" (channels 1) or "RGB" (channels 3)."""
-    image = ImageOps.exif_transpose(image) or image
-    if image.mode.startswith("I") or image.mode == "F":
-        image = _to_8bit(image)
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, rgba)
-    target = {1: "L", 3: "RGB"}.get(channels)
-    if target is None:
-        raise InvalidInputError(f"images can be converted to 1 (grayscale) or 3 (RGB) channels, "
-                                f"the model wants {channels}")
-    return image if image.mode == target else image.convert(target)
+    """Convert to "L" (channels 1) or "RGB" (channels 3), as the server does."""
+    try:
+        return convert_image(image, channels)
+    except ImageDecodeError as exc:
+        raise InvalidInputError(str(exc)) from None
 
 
 def _resize(image: Image.Image, width: int, height: int, fit: Fit) -> Image.Image:

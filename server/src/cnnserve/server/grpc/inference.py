@@ -20,6 +20,7 @@ from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.server.errors import InvalidRequest, ModelNotFound, ServingError
 from cnnserve.server.grpc.classification import classify
 from cnnserve.server.grpc.codec import OutputTensor, decode_inputs, encode_outputs
+from cnnserve.server.grpc.encoded import decode_images, is_encoded
 from cnnserve.server.grpc.validation import RequestedOutput, validate_inputs, validate_outputs
 from cnnserve.server.telemetry.metrics import UNKNOWN_MODEL, Metrics
 
@@ -63,7 +64,10 @@ class Inference:
                 deadline = request_deadline(parameters, remaining, started)
             else:
                 deadline = None if remaining is None else started + remaining
-            inputs = validate_inputs(name, model.config, decode_inputs(request))
+            decoded = decode_inputs(request)
+            if decoded and decoded[0].datatype == "BYTES" and is_encoded(model, decoded):
+                decoded = await decode_images(model, decoded)  # PNG/JPEG files
+            inputs = validate_inputs(name, model.config, decoded)
             requested = validate_outputs(name, model.config, request.outputs)
             results = await model.infer(inputs, [r.name for r in requested] if request.outputs
                                         else (), deadline=deadline)

@@ -73,6 +73,7 @@ def config_parameters(model: LoadedModel) -> dict[str, mc.ModelParameter]:
     ``labels`` (list of class names) and ``normalization`` ({"mean": [...], "std": [...]},
     applied as (pixel/255 - mean) / std per channel) let a client turn an image into the
     model's input and its output into class names; the protocol has no fields for them.
+    ``encoded_images`` ("PNG,JPEG") says the image input also takes those files as BYTES.
     """
     config = model.config
     params = {
@@ -81,6 +82,8 @@ def config_parameters(model: LoadedModel) -> dict[str, mc.ModelParameter]:
     }
     if config.labels:
         params["labels"] = mc.ModelParameter(string_value=json.dumps(list(config.labels)))
+    if model.policy.encoded_images:
+        params["encoded_images"] = mc.ModelParameter(string_value="PNG,JPEG")
     if config.normalization is not None:
         params["normalization"] = mc.ModelParameter(string_value=json.dumps(
             {"mean": list(config.normalization.mean), "std": list(config.normalization.std)}))
