@@ -15,9 +15,9 @@ batch size (best of 1 and 2 intra-op threads).
 
 Each point is ``perf_analyzer -i grpc -b B --concurrency-range C`` in time-window mode
 (3 s windows until three agree within 10 %, at most 8); at b1c32 cnnserve is also driven over
-REST (``-i http``) and on gRPC streams (``--streaming``). Each point is repeated ``--repeat`` times with the
-targets interleaved so a noisy moment hits them alike; medians are reported, with each
-server's CPU time per request (/proc) and resident memory, and the issue's targets.
+REST (``-i http``) and on gRPC streams (``--streaming``). Each point is repeated ``--repeat``
+times with the targets interleaved so a noisy moment hits them alike; medians are reported,
+with each server's CPU time per request (/proc) and resident memory, and the issue's targets.
 """
 
 from __future__ import annotations

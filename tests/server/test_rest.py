@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 
 from cnnserve.server.process.settings import Settings
-from tests.server.test_tls_auth import pki  # noqa: F401 -- the certificate fixture
 from tests.support.models import ORT_TOLERANCE, linear_expected, write_test_model
-from tests.support.rest import curl, run_python, start_rest
+from tests.support.rest import curl, make_server_certificate, run_python, start_rest
 from tests.support.wire import random_images
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("geventhttpclient") is None,
                        reason="tritonclient[http] is not installed"),
     pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl"),
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"),
 ]
 
 _TRITON_HTTP = r"""
@@ -180,15 +180,15 @@ async def test_binary_data_size_beyond_the_body_is_refused(rest: str) -> None:
 
 
 async def test_rest_honours_tls_and_the_token(wire_server: Any, model_repo: Path,
-                                              pki: Path) -> None:  # noqa: F811
+                                              tmp_path: Path) -> None:
     write_test_model(model_repo, "linear", 1)
-    settings = Settings(host="127.0.0.1", token="s3cret", tls_cert=pki / "server.crt",
-                        tls_key=pki / "server.key")
+    cert, key, ca = make_server_certificate(tmp_path)
+    settings = Settings(host="127.0.0.1", token="s3cret", tls_cert=cert, tls_key=key)
     server = await wire_server(model_repo, settings)
     http = await start_rest(server, settings)
     try:
         base = f"https://127.0.0.1:{http.port}/v2"
-        tls = ("--cacert", str(pki / "ca.crt"))
+        tls = ("--cacert", str(ca))
         assert await curl(f"{base}/health/ready", *tls) == (200, {"ready": True})
         status, answer = await curl(f"{base}/models/linear", *tls)
         assert status == 401 and "bearer token" in answer["error"]

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
+
+_EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
 
 async def start_rest(server: Any, settings: Any) -> Any:
@@ -41,3 +45,22 @@ async def curl(url: str, *args: str, data: bytes | None = None) -> tuple[int, An
         return 0, stderr.decode()
     body, _, status = stdout.rpartition(b"\n")
     return int(status), json.loads(body) if body.strip() else None
+
+
+def make_server_certificate(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 it signed, made with ``openssl``.
+
+    Returns (server certificate, server key, CA certificate), all PEM files in ``folder``.
+    """
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", *_EC, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+            "-subj", "/CN=ca", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", *_EC, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=server")
+    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n"
+                                       "extendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "server.ext")
+    return folder / "server.crt", folder / "server.key", folder / "ca.crt"
