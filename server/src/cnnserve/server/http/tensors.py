@@ -106,9 +106,12 @@ def _raw(name: str, datatype: str, shape: list[int], data: Any) -> bytes:
     """JSON tensor data (flat or nested, row-major) as raw contents of ``datatype``."""
     try:
         flat = np.asarray(data, dtype=object).reshape(-1)
-    except ValueError:
+        ragged = any(isinstance(v, list) for v in flat)
+    except ValueError:  # numpy refused the nesting
+        ragged = True
+    if ragged:
         raise InvalidRequest(f"input '{name}': 'data' is ragged; give a flat list or nested "
-                             "lists of equal length") from None
+                             "lists of equal length")
     if min(shape, default=0) >= 0 and flat.size != prod(shape):
         raise InvalidRequest(f"input '{name}': 'data' holds {flat.size} elements, shape "
                              f"{shape} needs {prod(shape)}")
