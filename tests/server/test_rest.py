@@ -7,6 +7,7 @@ ours in one process, see test_tritonclient_interop.py); the server runs in the t
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import shutil
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cnnserve.common.repository import DynamicBatching, ModelPolicy
 from cnnserve.server.process.settings import Settings
 from tests.support.models import ORT_TOLERANCE, linear_expected, write_test_model
 from tests.support.rest import curl, make_server_certificate, run_python, start_rest
@@ -202,3 +204,35 @@ async def test_rest_honours_tls_and_the_token(wire_server: Any, model_repo: Path
         assert status == 0  # plaintext is not served on the TLS port
     finally:
         await http.stop()
+
+
+async def test_rest_requests_batch_together_and_are_counted(wire_server: Any,
+                                                             model_repo: Path) -> None:
+    """Four concurrent REST requests go out as one batch (preferred size 4, with a queue
+    delay far longer than it takes them to arrive), and REST failures count in the metrics
+    like gRPC ones."""
+    write_test_model(model_repo, "linear", 1, policy=ModelPolicy(dynamic_batching=DynamicBatching(
+        max_queue_delay_microseconds=10_000_000, preferred_batch_size=(4,))))
+    server = await wire_server(model_repo)
+    http = await start_rest(server, Settings(host="127.0.0.1"))
+    try:
+        url = f"http://127.0.0.1:{http.port}/v2/models/linear/infer"
+        x = random_images(4, seed=2)
+        bodies = [json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 4, 4],
+                                          "datatype": "FP32", "data": x[i].tolist()}]})
+                  for i in range(4)]
+        answers = await asyncio.gather(*(curl(url, data=b.encode()) for b in bodies))
+        bad = json.dumps({"inputs": [{"name": "input", "shape": [1, 4, 4], "datatype": "FP32",
+                                      "data": [0.0] * 16}]})
+        assert (await curl(url, data=bad.encode()))[0] == 400
+    finally:
+        await http.stop()
+    for i, (status, answer) in enumerate(answers):
+        assert status == 200, answer
+        np.testing.assert_allclose(np.reshape(answer["outputs"][0]["data"], (1, 3)),
+                                   linear_expected(x[i:i + 1]), **ORT_TOLERANCE)
+    (stats,) = server.engine.statistics("linear")
+    assert [(b.batch_size, b.compute_infer_count) for b in stats.batch_stats] == [(4, 1)]
+    assert server.metrics.registry.get_sample_value(
+        "cnnserve_request_failures_total",
+        {"model": "linear", "version": "1", "reason": "invalid_argument"}) == 1
