@@ -236,3 +236,16 @@ async def test_rest_requests_batch_together_and_are_counted(wire_server: Any,
     assert server.metrics.registry.get_sample_value(
         "cnnserve_request_failures_total",
         {"model": "linear", "version": "1", "reason": "invalid_argument"}) == 1
+
+
+async def test_a_body_over_max_message_bytes_is_refused(wire_server: Any,
+                                                        model_repo: Path) -> None:
+    write_test_model(model_repo, "linear", 1)
+    server = await wire_server(model_repo)
+    http = await start_rest(server, Settings(host="127.0.0.1", max_message_bytes=1000))
+    try:
+        status, answer = await curl(f"http://127.0.0.1:{http.port}/v2/models/linear/infer",
+                                    data=b" " * 2000)
+    finally:
+        await http.stop()
+    assert status == 413 and "exceeds 1000 bytes" in answer["error"]

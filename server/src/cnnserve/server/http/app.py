@@ -14,10 +14,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from cnnserve.proto import grpc_service_pb2 as pb
 from cnnserve.server.errors import InvalidRequest, ServingError, Status
@@ -42,7 +42,6 @@ INTERNAL_MESSAGE = "internal server error"
 #: The servicer's handlers other than ModelInfer never read their context.
 _NO_CONTEXT = cast("Context", None)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def build_app(servicer: InferenceServicer, *, token: str | None,
@@ -70,7 +69,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(500, INTERNAL_MESSAGE)
 
 
-def _auth(token: str) -> Any:
+def _auth(token: str) -> Middleware:
     expected = token.encode("utf-8")
 
     @web.middleware
