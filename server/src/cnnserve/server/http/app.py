@@ -41,7 +41,7 @@ OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 INTERNAL_MESSAGE = "internal server error"
 #: The servicer's handlers other than ModelInfer never read their context.
 _NO_CONTEXT = cast("Context", None)
-
+_MAX_BODY = web.AppKey("max_body_bytes", int)
 
 
 def build_app(servicer: InferenceServicer, *, token: str | None,
@@ -49,6 +49,7 @@ def build_app(servicer: InferenceServicer, *, token: str | None,
     """The aiohttp application serving ``servicer``'s engine over REST."""
     app = web.Application(client_max_size=max_body_bytes,
                           middlewares=[_errors, *([_auth(token)] if token else [])])
+    app[_MAX_BODY] = max_body_bytes
     Routes(servicer).add_to(app.router)
     return app
 
@@ -60,8 +61,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ServingError as exc:
         return error_response(HTTP_STATUS.get(exc.code, 500), str(exc))
     except web.HTTPRequestEntityTooLarge:
-        return error_response(413, f"the request body exceeds {request.app._client_max_size} "
-                              "bytes (--max-message-bytes)")
+        return error_response(413, f"the request body exceeds {request.app[_MAX_BODY]} bytes "
+                              "(--max-message-bytes)")
     except web.HTTPException as exc:  # unknown path, wrong method
         return error_response(exc.status, exc.reason)
     except Exception:
