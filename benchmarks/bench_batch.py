@@ -57,7 +57,7 @@ def main() -> None:
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("cnnserve")), "serve", "--repository", str(repo),
          "--model", args.model, "--host", "127.0.0.1", "--grpc-port", str(port),
-         "--metrics-port", str(free_port()), "--log-level", "WARNING"],
+         "--metrics-port", str(free_port()), "--http-port", "-1", "--log-level", "WARNING"],
         stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
         wait_ready(f"127.0.0.1:{port}", server, log)

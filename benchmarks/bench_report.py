@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 CNNSERVE = "cnnserve"
+CNNSERVE_REST = "cnnserve REST"  # perf_analyzer -i http
+CNNSERVE_STREAM = "cnnserve stream"  # perf_analyzer --streaming
 CONSTANT = "constant"
 NAIVE = "naive"
 FLOOR = "batched floor"
@@ -87,7 +89,13 @@ def checks(results: Results, lenet_points: Iterable[str], heavy_points: Iterable
               _ratio(m("lenet", "b1c32", CNNSERVE), m("lenet", "b1c32", CONSTANT)), 0.85, True),
         Check("LeNet b1c1: cnnserve p99 ÷ constant p99",
               _ratio(m("lenet", "b1c1", CNNSERVE), m("lenet", "b1c1", CONSTANT), "p99_ms"),
-              1.3, False)]]
+              1.3, False),
+        Check("LeNet b1c32: cnnserve REST ÷ gRPC unary throughput",
+              _ratio(m("lenet", "b1c32", CNNSERVE_REST), m("lenet", "b1c32", CNNSERVE)),
+              0.7, True),
+        Check("LeNet b1c32: cnnserve streaming ÷ gRPC unary throughput",
+              _ratio(m("lenet", "b1c32", CNNSERVE_STREAM), m("lenet", "b1c32", CNNSERVE)),
+              1.0, True)]]
     heavy_points = list(heavy_points)
     ort = [s.samples_per_s for p in heavy_points if (s := m("heavy", p, ORT)) is not None]
     best = max(ort) if ort else math.nan

@@ -14,9 +14,10 @@ model, the ceiling of gRPC in Python; ``naive``: session.run per request on the 
 batch size (best of 1 and 2 intra-op threads).
 
 Each point is ``perf_analyzer -i grpc -b B --concurrency-range C`` in time-window mode
-(3 s windows until three agree within 10 %, at most 8), repeated ``--repeat`` times with the
-targets interleaved so a noisy moment hits them alike; medians are reported, with each
-server's CPU time per request (/proc) and resident memory, and the issue's targets.
+(3 s windows until three agree within 10 %, at most 8); at b1c32 cnnserve is also driven over
+REST (``-i http``) and on gRPC streams (``--streaming``). Each point is repeated ``--repeat``
+times with the targets interleaved so a noisy moment hits them alike; medians are reported,
+with each server's CPU time per request (/proc) and resident memory, and the issue's targets.
 """
 
 from __future__ import annotations
@@ -33,7 +34,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import BenchModel, prepare_models
-from bench_report import CNNSERVE, CONSTANT, FLOOR, NAIVE, ORT, Results, Sample, render
+from bench_report import (
+    CNNSERVE,
+    CNNSERVE_REST,
+    CNNSERVE_STREAM,
+    CONSTANT,
+    FLOOR,
+    NAIVE,
+    ORT,
+    Results,
+    Sample,
+    render,
+)
 from perf_analyzer import (
     REPO,
     Measurement,
@@ -48,6 +60,10 @@ from servers import Server, served_requests, start_cnnserve, start_reference, st
 HERE = Path(__file__).resolve().parent
 LENET_POINTS = ((1, 1), (1, 8), (1, 32), (16, 4), (64, 2))  # (batch, concurrency)
 HEAVY_POINTS = ((1, 8), (8, 2))
+#: Points where cnnserve is also driven over REST and on gRPC streams (LeNet phase).
+PROTOCOL_POINTS = ((1, 32),)
+#: The protocol variants: target name -> (perf_analyzer -i, --streaming).
+VARIANTS = {CNNSERVE_REST: ("http", False), CNNSERVE_STREAM: ("grpc", True)}
 REFERENCE_NAMES = {"constant": CONSTANT, "naive": NAIVE, "batched": FLOOR}
 
 
@@ -79,19 +95,26 @@ class Settings:
 
 
 def measure_server(server: Server, model: BenchModel, batch: int, concurrency: int,
-                   settings: Settings) -> Sample:
+                   settings: Settings, variant: str = CNNSERVE) -> Sample:
     """One perf_analyzer run against ``server``, with the server's CPU time per request.
+
+    ``variant`` CNNSERVE_REST drives its REST endpoint, CNNSERVE_STREAM gRPC streams; by
+    default unary gRPC calls.
 
     If perf_analyzer's stability check never passes (a busy host), measures again with the
     check relaxed (three windows, any spread) and marks the sample unstable.
     """
-    report = settings.workdir / f"{server.name}-{model.name}-{label(batch, concurrency)}.csv"
+    protocol, streaming = VARIANTS.get(variant, ("grpc", False))
+    address = server.http_address if protocol == "http" else server.address
+    assert address is not None, f"{server.name} has no {protocol} endpoint"
+    report = (settings.workdir / f"{server.name}-{model.name}-{label(batch, concurrency)}"
+              f"-{protocol}{'-stream' if streaming else ''}.csv")
     cpu0, requests0 = cpu_seconds(server.pid), served_requests(server.address, model.name)
 
     def run(window: Window) -> Measurement:
-        return measure(settings.perf_analyzer, server.address, model.name, batch=batch,
+        return measure(settings.perf_analyzer, address, model.name, batch=batch,
                        concurrency=concurrency, shape=model.shape_text, window=window,
-                       report=report)
+                       report=report, protocol=protocol, streaming=streaming)
 
     stable = True
     try:
@@ -134,6 +157,12 @@ def run_phase(phase: Phase, cnnserve: Path, settings: Settings, results: Results
                     sample = measure_server(server, phase.model, batch, concurrency, settings)
                     results.add(phase.key, point, name, sample)
                     _progress(phase.key, point, rep, name, sample)
+                if phase.key == "lenet" and (batch, concurrency) in PROTOCOL_POINTS:
+                    for variant in VARIANTS:
+                        sample = measure_server(servers[0], phase.model, batch, concurrency,
+                                                settings, variant)
+                        results.add(phase.key, point, variant, sample)
+                        _progress(phase.key, point, rep, variant, sample)
                 sample = measure_in_process(phase.model, batch,
                                             settings.window.interval_ms / 1000)
                 results.add(phase.key, point, ORT, sample)
@@ -199,7 +228,8 @@ def main() -> None:
               f"{window.interval_ms} ms windows, ±{window.stability_pct} % stability, "
               f"{settings.repeat} repeat(s){', quick' if args.quick else ''})")
     print(render(results, [(p.key, p.title, [label(*pt) for pt in p.points]) for p in phases],
-                 [CNNSERVE, CONSTANT, NAIVE, FLOOR, ORT], lenet_points, heavy_points, header))
+                 [CNNSERVE, CNNSERVE_REST, CNNSERVE_STREAM, CONSTANT, NAIVE, FLOOR, ORT],
+                 lenet_points, heavy_points, header))
 
 
 if __name__ == "__main__":

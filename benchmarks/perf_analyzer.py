@@ -63,17 +63,20 @@ def ensure_perf_analyzer(binary: Path | None = None) -> Path:
 
 
 def measure(binary: Path, address: str, model: str, *, batch: int, concurrency: int,
-            shape: str, window: Window, report: Path) -> Measurement:
-    """Drive ``model`` at ``address`` (host:port, gRPC) with ``concurrency`` synchronous
-    callers sending ``batch``-row requests of per-row ``shape`` (such as "1,28,28").
+            shape: str, window: Window, report: Path, protocol: str = "grpc",
+            streaming: bool = False) -> Measurement:
+    """Drive ``model`` at ``address`` (host:port of ``protocol``: "grpc" or "http") with
+    ``concurrency`` callers sending ``batch``-row requests of per-row ``shape`` (such as
+    "1,28,28"): synchronous calls, or with ``streaming`` on gRPC streams.
 
     The CSV report goes to ``report``. Raises UnstableError if the measurements never
     settled, PerfAnalyzerError if perf_analyzer fails otherwise.
     """
-    command = [str(binary), "-i", "grpc", "-u", address, "-m", model, "-b", str(batch),
+    command = [str(binary), "-i", protocol, "-u", address, "-m", model, "-b", str(batch),
                "--concurrency-range", str(concurrency), "--shape", f"input:{shape}",
                "--measurement-mode", "time_windows", "-p", str(window.interval_ms),
-               "-s", str(window.stability_pct), "-r", str(window.max_trials), "-f", str(report)]
+               "-s", str(window.stability_pct), "-r", str(window.max_trials), "-f", str(report),
+               *(["--streaming"] if streaming else [])]
     report.unlink(missing_ok=True)
     # The longest run: every trial, plus start-up and a warm-up window.
     timeout = (window.max_trials + 2) * window.interval_ms / 1000 + 60

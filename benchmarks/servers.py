@@ -30,6 +30,7 @@ class Server:
     address: str  # host:port of its gRPC endpoint
     process: subprocess.Popen[bytes]
     log: Path
+    http_address: str | None = None  # host:port of its REST endpoint, if it has one
 
     @property
     def pid(self) -> int:
@@ -59,6 +60,7 @@ def start_cnnserve(cnnserve: Path, repository: Path, workdir: Path, name: str = 
     port_file.unlink(missing_ok=True)
     process = _spawn([str(cnnserve), "serve", "--repository", str(repository),
                       "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+                      "--http-port", "0",
                       "--port-file", str(port_file), "--log-level", "WARNING"], log)
     deadline = time.monotonic() + timeout
     while not port_file.exists():
@@ -67,9 +69,10 @@ def start_cnnserve(cnnserve: Path, repository: Path, workdir: Path, name: str = 
             process.kill()
             raise TimeoutError(f"{name} wrote no port file in {timeout:.0f}s")
         time.sleep(0.2)
-    address = f"127.0.0.1:{json.loads(port_file.read_text())['grpc_port']}"
+    ports = json.loads(port_file.read_text())
+    address = f"127.0.0.1:{ports['grpc_port']}"
     wait_ready(address, process, log, timeout)
-    return Server(name, address, process, log)
+    return Server(name, address, process, log, f"127.0.0.1:{ports['http_port']}")
 
 
 def start_reference(kind: str, model: Path, workdir: Path, name: str,

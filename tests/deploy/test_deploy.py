@@ -189,7 +189,8 @@ def test_ports_agree_across_compose_dockerfile_prometheus_and_probe(
     exposed = {int(p) for inst in stage.all("EXPOSE") for p in inst.args.split()}
     env = {**stage.env(), **server["environment"]}
     grpc_port, metrics_port = int(env["CNNSERVE_GRPC_PORT"]), int(env["CNNSERVE_METRICS_PORT"])
-    assert exposed == {grpc_port, metrics_port} == {8001, 8002}
+    http_port = int(env["CNNSERVE_HTTP_PORT"])  # REST (issue 16)
+    assert exposed == {http_port, grpc_port, metrics_port} == {8000, 8001, 8002}
     published = {int(p.rsplit(":", 1)[1]) for p in server["ports"]}
     assert published == exposed
     jobs = load_yaml(PROMETHEUS_YML)["scrape_configs"]

@@ -105,6 +105,7 @@ def test_server_image_installs_without_torch_serves_is_healthy_and_drains(
     grpc_port, metrics_port = free_port(), free_port()
     env = image_env(final, venv, CNNSERVE_REPOSITORY=str(repository),
                     CNNSERVE_GRPC_PORT=str(grpc_port), CNNSERVE_METRICS_PORT=str(metrics_port),
+                    CNNSERVE_HTTP_PORT=str(free_port()),
                     CNNSERVE_HOST="127.0.0.1")
     entrypoint = final.last("ENTRYPOINT")
     assert entrypoint is not None and entrypoint.exec_form is not None, "exec-form ENTRYPOINT"

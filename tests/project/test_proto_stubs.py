@@ -56,6 +56,8 @@ def test_generated_code_imports_through_the_package() -> None:
     (pb.InferTensorContents, "bytes_contents", 8),
     (pb.ModelStatistics, "batch_stats", 7),
     (pb.StatisticDuration, "ns", 2),
+    (pb.ModelStreamInferResponse, "error_message", 1),
+    (pb.ModelStreamInferResponse, "infer_response", 2),
     (mc.ModelConfig, "max_batch_size", 4),
     (mc.ModelConfig, "dynamic_batching", 11),
     (mc.ModelInput, "dims", 4),
@@ -75,8 +77,11 @@ def test_service_has_the_protocol_rpcs() -> None:
     assert service.full_name == "inference.GRPCInferenceService"
     assert set(service.methods_by_name) == {
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-        "ModelInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex",
+        "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex",
         "RepositoryModelLoad", "RepositoryModelUnload"}
+    stream = service.methods_by_name["ModelStreamInfer"]
+    assert stream.client_streaming and stream.server_streaming
+    assert stream.output_type.full_name == "inference.ModelStreamInferResponse"
 
 
 _TRITON_DUMP = """

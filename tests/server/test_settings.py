@@ -20,6 +20,7 @@ def test_defaults_apply_when_nothing_is_given() -> None:
     settings = Settings.build({}, {})
     assert settings == Settings()
     assert (settings.grpc_port, settings.metrics_port) == (8001, 8002)
+    assert settings.http_port == 8000  # REST, Triton's default port
     assert settings.max_message_bytes == 256 * 1024 * 1024
 
 
@@ -39,6 +40,7 @@ def test_a_flag_wins_over_its_variable_which_wins_over_the_default() -> None:
     ({"CNNSERVE_GRPC_PORT": "eighty"}, "CNNSERVE_GRPC_PORT='eighty'"),
     ({"CNNSERVE_DEVICE": "tpu"}, "must be one of cpu, cuda, auto"),
     ({"CNNSERVE_GRPC_PORT": "70000"}, "--grpc-port must be in 0..65535"),
+    ({"CNNSERVE_HTTP_PORT": "-2"}, "--http-port must be in 0..65535, or -1 for no REST"),
     ({"CNNSERVE_TLS_CERT": "/c.pem"}, "--tls-cert and --tls-key go together"),
     ({"CNNSERVE_TLS_CA": "/ca.pem"}, "--tls-ca (mutual TLS) needs --tls-cert"),
     ({"CNNSERVE_WARMUP": "maybe"}, "CNNSERVE_WARMUP='maybe'"),
@@ -47,6 +49,11 @@ def test_bad_values_are_refused_naming_the_setting(env: dict[str, str], message:
     with pytest.raises(CnnserveError) as info:
         Settings.build({}, env)
     assert message in str(info.value)
+
+
+def test_http_port_minus_one_turns_rest_off() -> None:
+    assert Settings.build({"http_port": -1}, {}).http_port == -1
+    assert Settings.build({}, {"CNNSERVE_HTTP_PORT": "0"}).http_port == 0
 
 
 def test_the_token_never_shows_in_the_settings_repr() -> None:

@@ -76,7 +76,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(model_repo: Path
     port_file = tmp_path / "ports.json"
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cnnserve.cli", "serve", "--repository", str(model_repo),
-        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
         "--port-file", str(port_file), "--log-format", "json", "--grace-period", "30",
         stderr=asyncio.subprocess.PIPE)
     server = _Server(process)
@@ -84,7 +84,9 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(model_repo: Path
         announced = await server.wait_for_log("serving gRPC on")
         ports = json.loads(port_file.read_text())
         assert ports == {"grpc_port": announced["grpc_port"],
+                         "http_port": announced["http_port"],
                          "metrics_port": announced["metrics_port"]}
+        assert ports["http_port"] > 0
         x = np.full((1, 4), 2.0, np.float32)
         labels = {"model": "slow", "version": "1"}
         async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc_port']}") as channel:

@@ -70,7 +70,7 @@ def running_server(repository: Path, workdir: Path, extra: Sequence[str] = (), *
     log = workdir / "server.log"
     where = ["--repository", str(repository)] if repository_args is None else repository_args
     cmd = [str(VENV_BIN / "cnnserve"), "serve", *where,
-           "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+           "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
            "--port-file", str(port_file), *extra]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,

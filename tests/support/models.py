@@ -2,12 +2,15 @@
 
 ``write_test_model(repo, name, version, kind=...)`` builds one version with the ``onnx``
 package directly (no torch) and writes model.onnx + config.json (VersionConfig.to_json) the
-way ``cnnserve export`` lays them out. Kinds, all float32, every output row a function of its
-own input row only (so a wrongly split batch shows in the values):
+way ``cnnserve export`` lays them out. Kinds, float32 unless said otherwise, every output row
+a function of its own input row only (so a wrongly split batch shows in the values):
 
 - ``linear``: input "input" [-1,1,4,4] -> Flatten -> MatMul(LINEAR_WEIGHTS) -> "output" [-1,3];
   labels ("zero", "one", "two"). Expected: :func:`linear_expected`.
 - ``double``: input "x" [-1,2] -> "y" = 2x and "z" = x + 1 (two outputs).
+- ``pixels``: like ``linear`` but its input is UINT8 pixels, normalised in the graph as
+  ``cnnserve export`` does, with PIXEL_MEAN/PIXEL_STD (also published in config.json).
+  Expected: :func:`pixels_expected`.
 - ``slow``: input "x" [-1,4] -> "y" = x, computed after a Loop of ``slow_iterations``
   4x4 MatMul+Tanh steps (about 5-20 us each), for tests that need requests to pile up.
 """
@@ -29,18 +32,26 @@ from cnnserve.common.repository import (
     MODEL_FILE,
     POLICY_FILE,
     ModelPolicy,
+    Normalization,
     TensorSpec,
     VersionConfig,
 )
 
-Kind = Literal["linear", "double", "slow"]
+Kind = Literal["linear", "double", "slow", "pixels"]
 OPSET = 17
 LINEAR_WEIGHTS = (np.arange(48, dtype=np.float32).reshape(16, 3) - 24.0) / 8.0
+PIXEL_MEAN, PIXEL_STD = (0.5,), (0.25,)
 
 
 def linear_expected(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """What the ``linear`` model returns for input ``x`` of shape [B,1,4,4]."""
     return np.asarray(x, np.float32).reshape(len(x), 16) @ LINEAR_WEIGHTS
+
+
+def pixels_expected(pixels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """What the ``pixels`` model returns for uint8 ``pixels`` of shape [B,1,4,4]."""
+    x = pixels.astype(np.float32) / np.float32(255)
+    return linear_expected((x - np.float32(PIXEL_MEAN[0])) / np.float32(PIXEL_STD[0]))
 
 
 def double_expected(x: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
@@ -54,6 +65,11 @@ def config_for(kind: Kind, name: str, max_batch_size: int = 64) -> VersionConfig
         return VersionConfig(name=name, inputs=(TensorSpec("input", "FP32", (-1, 1, 4, 4)),),
                              outputs=(TensorSpec("output", "FP32", (-1, 3)),),
                              max_batch_size=max_batch_size, labels=("zero", "one", "two"))
+    if kind == "pixels":
+        return VersionConfig(name=name, inputs=(TensorSpec("input", "UINT8", (-1, 1, 4, 4)),),
+                             outputs=(TensorSpec("output", "FP32", (-1, 3)),),
+                             max_batch_size=max_batch_size, labels=("zero", "one", "two"),
+                             normalization=Normalization(PIXEL_MEAN, PIXEL_STD))
     if kind == "double":
         return VersionConfig(name=name, inputs=(TensorSpec("x", "FP32", (-1, 2)),),
                              outputs=(TensorSpec("y", "FP32", (-1, 2)),
@@ -76,6 +92,19 @@ def build_onnx(kind: Kind, slow_iterations: int = 2000) -> bytes:
         graph = helper.make_graph(nodes, "linear", [_value("input", ["N", 1, 4, 4])],
                                   [_value("output", ["N", 3])],
                                   [numpy_helper.from_array(LINEAR_WEIGHTS, "w")])
+    elif kind == "pixels":
+        nodes = [helper.make_node("Cast", ["input"], ["f"], to=TensorProto.FLOAT),
+                 helper.make_node("Div", ["f", "k255"], ["unit"]),
+                 helper.make_node("Sub", ["unit", "mean"], ["centred"]),
+                 helper.make_node("Div", ["centred", "std"], ["normalised"]),
+                 helper.make_node("Flatten", ["normalised"], ["flat"], axis=1),
+                 helper.make_node("MatMul", ["flat", "w"], ["output"])]
+        pixels = helper.make_tensor_value_info("input", TensorProto.UINT8, ["N", 1, 4, 4])
+        graph = helper.make_graph(nodes, "pixels", [pixels], [_value("output", ["N", 3])], [
+            numpy_helper.from_array(LINEAR_WEIGHTS, "w"),
+            numpy_helper.from_array(np.array(255, np.float32), "k255"),
+            numpy_helper.from_array(np.array(PIXEL_MEAN[0], np.float32), "mean"),
+            numpy_helper.from_array(np.array(PIXEL_STD[0], np.float32), "std")])
     elif kind == "double":
         nodes = [helper.make_node("Mul", ["x", "two"], ["y"]),
                  helper.make_node("Add", ["x", "one"], ["z"])]

@@ -71,8 +71,10 @@ def test_export_writes_model_config_and_default_policy(exported: ExportResult) -
 
     config = VersionConfig.load(exported.version_dir / CONFIG_FILE)
     assert config == exported.config
+    # UINT8: export builds the normalisation into the graph by default (issue 16); the
+    # float-input export is covered in test_pixel_export.py.
     assert [(t.name, t.datatype, t.shape) for t in config.inputs] == [
-        ("input", "FP32", (-1, 1, 28, 28))]
+        ("input", "UINT8", (-1, 1, 28, 28))]
     assert [(t.name, t.datatype, t.shape) for t in config.outputs] == [
         ("logits", "FP32", (-1, 10)), ("probabilities", "FP32", (-1, 10))]
     assert config.labels == tuple(f"pattern-{k}" for k in range(10))
@@ -116,11 +118,14 @@ def test_metadata_props_carry_labels_normalization_and_provenance(
 def test_onnx_matches_pytorch_values_and_argmax(exported: ExportResult, ckpt_path: Path,
                                                 batch: int) -> None:
     x, _ = _test_inputs(ckpt_path)
+    pixels = load_split("synthetic", "test").images
     model = restore_network(load_checkpoint(ckpt_path))
     session = ort.InferenceSession(str(exported.model_path), providers=["CPUExecutionProvider"])
     for start in range(0, min(len(x), 3 * batch), batch):
         chunk = x[start:start + batch]
-        logits, probs = session.run(["logits", "probabilities"], {"input": chunk})
+        # The exported graph takes the pixels and normalises them itself (issue 16).
+        logits, probs = session.run(["logits", "probabilities"],
+                                    {"input": pixels[start:start + batch]})
         with torch.inference_mode():
             want = model(torch.from_numpy(chunk)).numpy()
         assert logits.shape == (len(chunk), 10)

@@ -34,16 +34,21 @@ def _ops(path: Path) -> set[str]:
 
 
 def _float_io(path: Path) -> None:
+    """The reduced graph keeps the FP32 export's interface: since issue 16 that is a UINT8
+    pixel input (the normalisation runs in float32 inside the graph) and float32 outputs."""
     model = onnx.load(str(path))
-    for value in (*model.graph.input, *model.graph.output):
+    (pixels,) = model.graph.input
+    assert pixels.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    for value in model.graph.output:
         assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT, value.name
 
 
 def _argmax_agreement(model_path: Path, ckpt_path: Path) -> float:
     ckpt = load_checkpoint(ckpt_path)
-    x = normalize(load_split("synthetic", "test").images, ckpt.mean, ckpt.std)
+    pixels = load_split("synthetic", "test").images
+    x = normalize(pixels, ckpt.mean, ckpt.std)
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {"input": x})
+    (logits,) = session.run(["logits"], {"input": pixels})  # pixel input (issue 16)
     with torch.inference_mode():
         want = restore_network(ckpt)(torch.from_numpy(x)).numpy()
     return float((logits.argmax(1) == want.argmax(1)).mean())
@@ -54,7 +59,8 @@ def test_int8_export_keeps_accuracy_and_float_interface(ckpt_path: Path, tmp_pat
     assert result.precision == "int8"
     config = VersionConfig.load(result.version_dir / CONFIG_FILE)
     assert config.precision == "int8"
-    assert [t.datatype for t in (*config.inputs, *config.outputs)] == ["FP32"] * 3
+    # The input is UINT8 pixels since issue 16 (export's default); outputs stay FP32.
+    assert [t.datatype for t in (*config.inputs, *config.outputs)] == ["UINT8", "FP32", "FP32"]
     assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(result.model_path)
     _float_io(result.model_path)
     assert onnx_graph.read_metadata(result.model_path)["cnnserve.precision"] == "int8"

@@ -155,13 +155,18 @@ class PixelScaling(NamedTuple):
 
 def preprocess(info: ModelInfo, pixels: np.ndarray,
                scaling: PixelScaling | None = None) -> np.ndarray:
-    """Normalise uint8 ``[N, C, H, W]`` pixels with the model's own statistics.
+    """The model input for uint8 ``[N, C, H, W]`` pixels.
 
-    Uses :func:`cnnserve.common.preprocess.normalize` (the one canonical preprocessing, also used by
-    training and ``cnnserve evaluate``) so the server sees bit-identical inputs. Without
-    published statistics the pixels are only scaled to 0..1. ``scaling`` overrides both
-    (a third-party model trained on other pixel ranges).
+    A model whose image input is UINT8 (what ``cnnserve export`` writes by default) normalises
+    inside its graph: it gets the pixels unchanged. A float model (``--input float`` exports,
+    third-party models) gets them normalised with the model's own statistics by
+    :func:`cnnserve.common.preprocess.normalize` (the one canonical preprocessing, also used by
+    training and ``cnnserve evaluate``) so the server sees bit-identical inputs; without
+    published statistics the pixels are only scaled to 0..1. ``scaling`` overrides both (a
+    third-party model trained on other pixel ranges).
     """
+    if info.image_input.datatype == "UINT8":
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
     channels = info.image_shape[0]
     scaling = scaling or PixelScaling()
     mean = scaling.mean or (info.mean if info.mean is not None else (0.0,) * channels)

@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 Fit = Literal["stretch", "pad", "crop"]
 FITS: tuple[str, ...] = ("stretch", "pad", "crop")
 
+#: The largest image (width x height) :func:`decode_image` decodes by default: 16.8 million
+#: pixels, 4096 x 4096 (about 50 MB as RGB); larger ones are refused from their header.
+MAX_IMAGE_PIXELS = 4096 * 4096
+#: The formats :func:`decode_image` (the server's encoded-image inputs) accepts.
+FORMATS = ("PNG", "JPEG")
+
 
 class ImageReadError(CnnserveError):
     """An image that is missing, truncated, not an image, or cannot be converted."""
@@ -136,6 +142,34 @@ def load_image(source: str | Path | bytes | Any, shape: tuple[int, int, int], *,
         pixels = np.asarray(image, dtype=np.uint8)
     except _decode_errors() as exc:  # a lazily decoded frame can still fail here
         raise ImageReadError(f"cannot convert image {name}: {exc}") from exc
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1).copy()
+
+
+def decode_image(data: bytes, shape: tuple[int, int, int], *,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """PNG or JPEG ``data`` as uint8 pixels ``[C, H, W]`` of ``shape``, for untrusted input.
+
+    Like :func:`load_image` (same conversion and filter) but only for :data:`FORMATS`, and an
+    image of more than ``max_pixels`` pixels is refused from its header, before decoding (a
+    decompression bomb costs nothing). Raises :class:`ImageReadError` for bytes that are not
+    such an image, truncated or too large, and :class:`ImageShapeError` for a bad ``shape``.
+    """
+    from PIL import Image
+
+    channels, height, width = shape
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data), formats=FORMATS)
+            w, h = opened.size
+            if w * h > max_pixels:
+                raise ImageReadError(f"the image is {w}x{h} = {w * h} pixels; at most "
+                                     f"{max_pixels} are decoded")
+            opened.load()  # decode now, so a truncated file fails here
+            pixels = np.asarray(resize(convert(opened, channels), width, height), np.uint8)
+    except _decode_errors() as exc:
+        raise ImageReadError(f"not a readable {' or '.join(FORMATS)} image: "
+                             f"{exc or type(exc).__name__}") from None
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1).copy()
 
 

@@ -200,6 +200,9 @@ class ModelPolicy:
     #: Most ONNX Runtime runs of one version at once (Triton's instance count); None means
     #: the server's --execution-workers. 1 serialises the model's batches.
     instance_count: int | None = None
+    #: Also accept the image input as BYTES holding PNG/JPEG files, decoded by the server
+    #: (needs Pillow: the ``images`` extra).
+    encoded_images: bool = False
 
     def __post_init__(self) -> None:
         vp = self.version_policy
@@ -217,6 +220,8 @@ class ModelPolicy:
                 isinstance(self.instance_count, bool) or self.instance_count < 1):
             raise ConfigError(f"instance_count {self.instance_count!r} must be a positive "
                               "integer (or absent: the server's --execution-workers)")
+        if not isinstance(self.encoded_images, bool):
+            raise ConfigError(f"encoded_images {self.encoded_images!r} must be true or false")
         db = self.dynamic_batching
         if db.max_queue_delay_microseconds < 0 or db.max_queue_size < 1:
             raise ConfigError("dynamic_batching: max_queue_delay_microseconds must be >= 0 and "
@@ -245,6 +250,7 @@ class ModelPolicy:
                 device=data.get("device"),
                 instance_count=(None if data.get("instance_count") is None
                                 else int(data["instance_count"])),
+                encoded_images=data.get("encoded_images", False),
             )
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc

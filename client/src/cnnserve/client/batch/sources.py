@@ -109,6 +109,9 @@ def _to_nchw(array: np.ndarray, info: ModelInfo, what: str) -> np.ndarray:
                             f"'{info.name}' input {c}x{h}x{w}; expected [N, {c}, {h}, {w}], "
                             f"[N, {h}, {w}, {c}]" + (f" or [N, {h}, {w}]" if c == 1 else ""))
     if out.dtype.kind == "f":
+        if info.image_input.datatype == "UINT8":
+            raise CnnserveError(f"{what}: model '{info.name}' takes uint8 pixels (it normalises "
+                                f"them itself), got {out.dtype} model inputs; pass the pixels")
         out = out.astype(numpy_dtype(info.image_input.datatype), copy=False)
     return np.ascontiguousarray(out)
 

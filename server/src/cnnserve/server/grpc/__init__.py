@@ -1,1 +1,2 @@
-"""The gRPC wire layer: servicer, messages, codec, validation, health, interceptors."""
+"""The gRPC wire layer: servicer, streaming, the shared inference path, messages, codec,
+validation, encoded images, health, interceptors."""

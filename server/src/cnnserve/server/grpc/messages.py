@@ -76,6 +76,7 @@ def config_parameters(model: LoadedModel) -> dict[str, mc.ModelParameter]:
     model's input and its output into class names; the protocol has no fields for them.
     ``config_source`` says where the signature came from ("config.json", "config.pbtxt" or
     "the graph"); config.pbtxt's own parameters are passed through.
+    ``encoded_images`` ("PNG,JPEG") says the image input also takes those files as BYTES.
     """
     config = model.config
     params = {k: mc.ModelParameter(string_value=v) for k, v in model.source.parameters.items()}
@@ -86,6 +87,8 @@ def config_parameters(model: LoadedModel) -> dict[str, mc.ModelParameter]:
     }
     if config.labels:
         params["labels"] = mc.ModelParameter(string_value=json.dumps(list(config.labels)))
+    if model.policy.encoded_images:
+        params["encoded_images"] = mc.ModelParameter(string_value="PNG,JPEG")
     if config.normalization is not None:
         params["normalization"] = mc.ModelParameter(string_value=json.dumps(
             {"mean": list(config.normalization.mean), "std": list(config.normalization.std)}))

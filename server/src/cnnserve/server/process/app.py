@@ -1,8 +1,9 @@
-"""Assembling and running the gRPC server: services, security, limits, graceful shutdown.
+"""Assembling and running the servers: gRPC, REST, metrics; security, limits, shutdown.
 
 :func:`create_server` builds a started ``grpc.aio`` server around an engine (tests bind port
 0 and read the port back, with no free-port race); :func:`serve` is the whole process:
-engine, metrics endpoint, gRPC server, and on SIGTERM/SIGINT a drain within the grace period
+engine, metrics endpoint, gRPC server, REST server (cnnserve.server.http, sharing the gRPC
+servicer), and on SIGTERM/SIGINT a drain within the grace period
 (health NOT_SERVING first, new requests refused UNAVAILABLE, queued and in-flight ones
 finished) before it returns, so the process exits 0.
 """
@@ -49,9 +50,10 @@ class GrpcServer:
     """A started gRPC server with its health service; :meth:`shutdown` drains it."""
 
     def __init__(self, server: grpc.aio.Server, engine: Engine, model_health: ModelHealth,
-                 gate: ShutdownGate | None = None):
+                 servicer: InferenceServicer, gate: ShutdownGate | None = None):
         self.server = server
         self.health = model_health
+        self.servicer = servicer  # shared with the REST front end
         self._engine = engine
         self._gate = gate or ShutdownGate()
 
@@ -97,8 +99,8 @@ async def create_server(engine: Engine, metrics: Metrics, settings: Settings,
     async def models_changed() -> None:
         await model_health.refresh()
 
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(engine, metrics, on_models_changed=models_changed), server)
+    servicer = InferenceServicer(engine, metrics, on_models_changed=models_changed)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(model_health.servicer, server)
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
     reflection.enable_server_reflection((service, health.SERVICE_NAME,
@@ -114,7 +116,7 @@ async def create_server(engine: Engine, metrics: Metrics, settings: Settings,
     await server.start()
     await model_health.refresh()
     model_health.start()
-    return GrpcServer(server, engine, model_health, gate), port
+    return GrpcServer(server, engine, model_health, servicer, gate), port
 
 
 def _join(host: str, port: int) -> str:
@@ -176,18 +178,26 @@ async def serve(settings: Settings) -> None:
     try:
         # The server answers liveness (and NOT_SERVING) while the models load and warm up.
         grpc_server, port = await create_server(engine, metrics, settings)
+        rest = None
         try:
+            if settings.http_port >= 0:
+                from cnnserve.server.http.server import create_http_server
+
+                rest = await create_http_server(grpc_server.servicer, settings, settings.host,
+                                                settings.http_port)
             if await _start_unless_stopped(engine, stop):
                 # Everything built so far (modules, sessions, configs) lives as long as the
                 # process: freezing it keeps the collector from rescanning it, which under
                 # load cost ~6 us per request and 25 ms pauses that showed in p99 latency.
                 gc.freeze()
                 await grpc_server.health.refresh()
-                _announce(settings, port, metrics_port)
+                _announce(settings, port, metrics_port, rest.port if rest else None)
                 await stop.wait()
             logger.info("shutting down: draining for up to %.1f s", settings.grace_period_s)
         finally:
             await grpc_server.shutdown(settings.grace_period_s)
+            if rest is not None:
+                await rest.stop()
     finally:
         metrics_http.shutdown()
         _remove_port_file(settings)
@@ -226,7 +236,7 @@ async def _start_unless_stopped(engine: Engine, stop: asyncio.Event) -> bool:
     return False
 
 
-def _announce(settings: Settings, port: int, metrics_port: int) -> None:
+def _announce(settings: Settings, port: int, metrics_port: int, http_port: int | None) -> None:
     security = ("mutual TLS" if settings.tls_ca else "TLS" if settings.tls_cert
                 else "plaintext") + (", token auth" if settings.token else "")
     if settings.token and not settings.tls_cert:
@@ -234,9 +244,13 @@ def _announce(settings: Settings, port: int, metrics_port: int) -> None:
                        "add --tls-cert/--tls-key")
     if settings.port_file is not None:
         write_atomically(settings.port_file,
-                         json.dumps({"grpc_port": port, "metrics_port": metrics_port}) + "\n")
+                         json.dumps({"grpc_port": port, "http_port": http_port,
+                                     "metrics_port": metrics_port}) + "\n")
+    rest = ("off" if http_port is None else
+            f"{'https' if settings.tls_cert else 'http'}://{_join(settings.host, http_port)}/v2")
     scheme = "https" if settings.metrics_tls_cert else "http"
-    logger.info("serving gRPC on %s (%s), metrics on %s://%s/metrics%s",
-                _join(settings.host, port), security, scheme, _join(settings.host, metrics_port),
+    logger.info("serving gRPC on %s (%s), REST on %s, metrics on %s://%s/metrics%s",
+                _join(settings.host, port), security, rest, scheme,
+                _join(settings.host, metrics_port),
                 " (bearer token)" if settings.metrics_token else "",
-                extra={"grpc_port": port, "metrics_port": metrics_port})
+                extra={"grpc_port": port, "http_port": http_port, "metrics_port": metrics_port})

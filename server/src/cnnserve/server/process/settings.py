@@ -43,9 +43,12 @@ class Settings:
         "model to load at start; repeat for several (env: comma-separated); default: every "
         "model in the repository", flag="--model", aliases=("--load-model",))
     host: str = option("0.0.0.0",
-        "address the gRPC and metrics servers bind (default: 0.0.0.0)")
+        "address the gRPC, REST and metrics servers bind (default: 0.0.0.0)")
     grpc_port: int = option(8001,
         "gRPC port; 0 picks a free one (default: 8001)")
+    http_port: int = option(8000,
+        "KServe v2 / Triton REST (HTTP/JSON) port; 0 picks a free one, -1 turns REST off "
+        "(default: 8000)")
     metrics_port: int = option(8002,
         "Prometheus /metrics HTTP port; 0 picks a free one (default: 8002)")
     device: Device = option("cpu",
@@ -117,8 +120,8 @@ class Settings:
         "(those and Triton's nv_inference_* names, for dashboards written for Triton) "
         "(default: cnnserve)")
     port_file: Path | None = option(None,
-        'write the bound ports as JSON {"grpc_port": N, "metrics_port": M} here once serving '
-        "(useful with port 0)")
+        'write the bound ports as JSON {"grpc_port": N, "http_port": H, "metrics_port": M} '
+        "here once serving (useful with port 0; http_port is null without REST)")
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -140,6 +143,9 @@ class Settings:
                 raise CnnserveError(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
         if self.grace_period_s < 0:
             raise CnnserveError(f"--grace-period must be >= 0, got {self.grace_period_s}")
+        if not -1 <= self.http_port <= 65535:
+            raise CnnserveError(f"--http-port must be in 0..65535, or -1 for no REST, got "
+                                f"{self.http_port}")
         if self.token is not None and not self.token:
             raise CnnserveError("--token must not be empty")
 

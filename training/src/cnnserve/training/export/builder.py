@@ -30,6 +30,7 @@ from cnnserve.training.export.graph import (
     export_onnx,
     stamp_metadata,
 )
+from cnnserve.training.export.pixels import add_pixel_input
 from cnnserve.training.export.quantize import QuantizationError, convert_fp16, quantize_int8
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class Built:
     exporter: str
     parity: verify.ParityReport
     reduced_parity: verify.ParityReport | None = None
+    #: The pixel-input graph against the same graph fed normalised floats (pixel input only).
+    pixel_parity: verify.ParityReport | None = None
     accuracy: dict[str, float] = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
     throughput_batch_size: int = 0
@@ -62,10 +65,11 @@ class Built:
 
 @dataclass(frozen=True)
 class _Images:
-    """Normalised verification images: all test images and their labels."""
+    """Verification images: all test images, normalised and as pixels, and their labels."""
 
     x: Array
     y: npt.NDArray[np.int64]
+    pixels: npt.NDArray[np.uint8]
 
 
 class VersionBuilder:
@@ -104,7 +108,8 @@ class VersionBuilder:
             raise ExportError(f"the test split of '{dataset}' holds {len(test)} images of "
                               f"shape {list(test.images.shape[1:])}; the model expects "
                               f"{list(ckpt.input_shape)}")
-        images = _Images(x=normalize(test.images, ckpt.mean, ckpt.std), y=test.labels)
+        images = _Images(x=normalize(test.images, ckpt.mean, ckpt.std), y=test.labels,
+                         pixels=test.images)
         return cls(checkpoint_path, ckpt, model, dataset, images, options)
 
     def build(self, staging: Path, *, precision: str, opset: int, max_batch_size: int,
@@ -114,7 +119,11 @@ class VersionBuilder:
         Raises :class:`ExportError` when export, conversion or verification fails.
         """
         try:
-            return self._build(staging, precision, opset, max_batch_size, tolerance)
+            built = self._build(staging, precision, opset, max_batch_size, tolerance)
+            if self.options.pixel_input:
+                built = self._take_pixels(staging / MODEL_FILE, built, max_batch_size,
+                                          tolerance)
+            return built
         except (GraphError, QuantizationError) as exc:
             raise ExportError(str(exc)) from exc
 
@@ -147,6 +156,32 @@ class VersionBuilder:
             fp32_path.unlink()
         return built
 
+    def _take_pixels(self, path: Path, built: Built, max_batch_size: int,
+                     tolerance: float) -> Built:
+        """Give the graph at ``path`` a UINT8 pixel input and check it against the float one.
+
+        Fed the raw test images, the new graph must match the old one fed the normalised
+        images within ``tolerance``, with identical argmax (in practice bit-identical: the
+        graph normalises as :func:`normalize` does).
+        """
+        c, count = self.ckpt, self.options.verify_images
+        if built.unverified_reason:  # ONNX Runtime here cannot run this graph at all
+            add_pixel_input(path, c.mean, c.std)
+            return built
+        providers = _providers(built.precision)
+        batches = verify.parity_batch_sizes(len(self.test.x[:count]), max_batch_size)
+        reference = verify.session_outputs(verify.open_session(str(path), providers),
+                                           self.test.x[:count], batches[-1])
+        log.info("building the preprocessing into the graph: input UINT8 pixels")
+        add_pixel_input(path, c.mean, c.std)
+        report = verify.compare(reference, verify.open_session(str(path), providers),
+                                self.test.pixels[:count], batches,
+                                precision=f"{built.precision} pixels", tolerance=tolerance)
+        report = replace(report, reference="the same graph fed normalised floats")
+        _raise_if(report.failures(exact_argmax=True), "the pixel-input graph does not compute "
+                  "what the graph fed normalised floats computes", report)
+        return replace(built, pixel_parity=report)
+
     def _reduce(self, built: Built, fp32_path: Path, final: Path, reference: verify.Outputs,
                 fp32_session: ort.InferenceSession, batches: tuple[int, ...]) -> Built:
         """Derive the INT8/FP16 graph from the FP32 one and judge it against FP32."""
@@ -157,8 +192,7 @@ class VersionBuilder:
             providers, tolerance = ["CPUExecutionProvider"], None
         else:
             convert_fp16(fp32_path, final)
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                         if p in ort.get_available_providers()]
+            providers = _providers("fp16")
             tolerance = opts.fp16_tolerance
         stamp_metadata(final, self.metadata(precision, built.exporter))
         try:
@@ -223,6 +257,7 @@ class VersionBuilder:
             "cnnserve.dataset": c.dataset,
             "cnnserve.input_shape": json.dumps(list(c.input_shape)),
             "cnnserve.precision": precision,
+            "cnnserve.input": "pixels" if self.options.pixel_input else "float",
             "cnnserve.exporter": f"torch {torch.__version__} ({exporter})",
         }
 
@@ -230,9 +265,10 @@ class VersionBuilder:
         """The version's ``config.json``: signature, labels, normalisation and figures."""
         c = self.ckpt
         classes = len(c.class_names)
+        datatype = "UINT8" if self.options.pixel_input else "FP32"
         return VersionConfig(
             name=name,
-            inputs=(TensorSpec(INPUT, "FP32", (-1, *c.input_shape)),),
+            inputs=(TensorSpec(INPUT, datatype, (-1, *c.input_shape)),),
             outputs=tuple(TensorSpec(o, "FP32", (-1, classes)) for o in OUTPUTS),
             max_batch_size=max_batch_size, labels=c.class_names,
             normalization=Normalization(mean=c.mean, std=c.std), precision=built.precision,
@@ -250,6 +286,8 @@ class VersionBuilder:
         }
         if built.reduced_parity is not None:
             out[f"parity_{built.precision}"] = built.reduced_parity.to_dict()
+        if built.pixel_parity is not None:
+            out["parity_pixels"] = built.pixel_parity.to_dict()
         if built.throughput:
             out["cpu_throughput_images_per_second"] = {
                 "batch_size": built.throughput_batch_size, **built.throughput}
@@ -258,6 +296,14 @@ class VersionBuilder:
             if built.unverified_reason:
                 out["unverified_reason"] = built.unverified_reason
         return out
+
+
+def _providers(precision: str) -> list[str]:
+    """Where a graph of ``precision`` is verified: FP16 on CUDA when present, else the CPU."""
+    if precision != "fp16":
+        return ["CPUExecutionProvider"]
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+            if p in ort.get_available_providers()]
 
 
 def _raise_if(failures: list[str], what: str, report: verify.ParityReport) -> None:

@@ -9,8 +9,10 @@ from typing import Any
 _DESCRIPTION = """\
 Export a training checkpoint to ONNX into a model repository, as
 REPOSITORY/NAME/VERSION/model.onnx + config.json (and REPOSITORY/NAME/model.json with the
-default serving policy when absent). The graph takes float32 'input' [batch, C, H, W]
-(normalised pixels) and returns float32 'logits' and 'probabilities' [batch, classes].
+default serving policy when absent). The graph takes UINT8 'input' [batch, C, H, W] (raw
+pixels 0..255; the normalisation (x/255 - mean)/std runs inside the graph), or with
+--input float the normalised float32 pixels, and returns float32 'logits' and
+'probabilities' [batch, classes].
 
 The export is verified before anything is written: ONNX Runtime runs the graph on the test
 images of the checkpoint's dataset at batch sizes 1, 7, 64 and --max-batch-size and must

@@ -9,7 +9,9 @@ Steps, all inside a hidden staging folder of ``<repository>/<name>/``:
 3. optionally derive an INT8 or FP16 graph (:mod:`.quantize`) and judge it by test accuracy
    against the FP32 graph: a drop of more than ``max_accuracy_drop`` points fails the export
    (FP16 must also stay within ``fp16_tolerance`` of PyTorch's logits);
-4. write metadata, ``config.json``, flush, and rename the folder to ``<name>/<version>``.
+4. unless ``pixel_input`` is off, build the normalisation into the graph (:mod:`.pixels`):
+   ``input`` becomes UINT8 pixels, checked against the float graph on the same images;
+5. write metadata, ``config.json``, flush, and rename the folder to ``<name>/<version>``.
 
 Any failure leaves the repository as it was. Verification needs the dataset: a missing one
 fails the export with the dataset's own error (``verify_dataset`` names another source).
@@ -92,11 +94,19 @@ class ExportResult:
         """Why a reduced-precision graph was not verified (empty when it was)."""
         return self.built.unverified_reason
 
+    @property
+    def pixel_parity(self) -> ParityReport | None:
+        """The pixel-input graph against the float graph on normalised images (None for
+        ``--input float``)."""
+        return self.built.pixel_parity
+
     def summary(self) -> str:
         """Multi-line human summary: parity tables, accuracy, speed, where it was written."""
         parts = [self.parity.format_table()]
         if self.reduced_parity is not None:
             parts.append(self.reduced_parity.format_table())
+        if self.pixel_parity is not None:
+            parts.append(self.pixel_parity.format_table())
         if self.accuracy:
             parts.append("test accuracy: " + ", ".join(
                 f"{k} {v:.2f}%" for k, v in self.accuracy.items()))

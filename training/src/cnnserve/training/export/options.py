@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 from cnnserve.common.options import option
 
 Quantize = Literal["int8"]
+InputKind = Literal["pixels", "float"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class ExportOptions:
         "reports accuracy and CPU speed before/after (not with --fp16)")
     fp16: bool = option(False, "write an FP16 graph for CUDA serving (float32 inputs and "
                         "outputs, casts inside; not with --quantize) (default: off)")
+    input: InputKind = option(
+        "pixels", "pixels: the graph takes UINT8 [batch, C, H, W] pixels and normalises them "
+        "itself, so any client can send an image's bytes; float: it takes float32 pixels the "
+        "client normalised (default: pixels)")
     tolerance: float = option(1e-4, "max abs difference of FP32 logits/probabilities vs "
                               "PyTorch (default: 0.0001)")
     fp16_tolerance: float = option(5e-2, "max abs difference of FP16 logits vs PyTorch "
@@ -62,3 +67,8 @@ class ExportOptions:
     def precision(self) -> str:
         """``fp32``, ``fp16`` or ``int8``: the graph to write (options checked first)."""
         return "int8" if self.quantize else "fp16" if self.fp16 else "fp32"
+
+    @property
+    def pixel_input(self) -> bool:
+        """Whether the graph takes UINT8 pixels (the preprocessing built in)."""
+        return self.input == "pixels"

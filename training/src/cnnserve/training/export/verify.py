@@ -21,6 +21,8 @@ import torch
 from cnnserve.common.names import INPUT, LOGITS, PROBABILITIES
 
 Array = npt.NDArray[np.float32]
+#: A model's input images: normalised float32, or UINT8 pixels for a pixel-input graph.
+Images = npt.NDArray[np.float32] | npt.NDArray[np.uint8]
 
 #: Output names of every exported model, in graph order.
 
@@ -55,6 +57,8 @@ class ParityReport:
     #: Largest allowed max-abs-diff of logits and probabilities; None: not judged by it (int8).
     tolerance: float | None
     rows: tuple[BatchParity, ...]
+    #: What the graph was compared with.
+    reference: str = "PyTorch"
 
     @property
     def max_abs_diff(self) -> float:
@@ -87,6 +91,7 @@ class ParityReport:
     def to_dict(self) -> dict[str, object]:
         """JSON-ready figures for config.json's metrics."""
         return {"precision": self.precision, "provider": self.provider,
+                "reference": self.reference,
                 "tolerance": self.tolerance, "images": self.images,
                 "max_abs_diff": self.max_abs_diff, "argmax_mismatches": self.argmax_mismatches,
                 "batches": [asdict(r) for r in self.rows]}
@@ -94,7 +99,8 @@ class ParityReport:
     def format_table(self) -> str:
         """A fixed-width table, one row per batch size."""
         tol = "none" if self.tolerance is None else f"{self.tolerance:.1e}"
-        head = (f"parity {self.precision} ({self.provider}) vs PyTorch, tolerance {tol}\n"
+        head = (f"parity {self.precision} ({self.provider}) vs {self.reference}, tolerance "
+                f"{tol}\n"
                 "  batch  images  max|dlogits|  max|dprobs|  argmax diff")
         lines = [f"  {r.batch_size:5d}  {r.images:6d}  {r.max_abs_diff_logits:11.3e}  "
                  f"{r.max_abs_diff_probabilities:11.3e}  {r.argmax_mismatches:11d}"
@@ -126,7 +132,7 @@ def open_session(path: str, providers: Sequence[str] = ("CPUExecutionProvider",)
     return ort.InferenceSession(path, sess_options=options, providers=list(providers))
 
 
-def session_outputs(session: ort.InferenceSession, images: Array, batch_size: int) -> Outputs:
+def session_outputs(session: ort.InferenceSession, images: Images, batch_size: int) -> Outputs:
     """Run ``session`` over ``images`` in batches of ``batch_size`` (last one may be short)."""
     logits, probs = [], []
     for i in range(0, len(images), batch_size):
@@ -136,7 +142,7 @@ def session_outputs(session: ort.InferenceSession, images: Array, batch_size: in
     return Outputs(logits=np.concatenate(logits), probabilities=np.concatenate(probs))
 
 
-def compare(reference: Outputs, session: ort.InferenceSession, images: Array,
+def compare(reference: Outputs, session: ort.InferenceSession, images: Images,
             batch_sizes: Sequence[int], *, precision: str, tolerance: float | None
             ) -> ParityReport:
     """Run ``session`` at each batch size and compare with ``reference`` (PyTorch's outputs)."""

@@ -127,8 +127,8 @@ def evaluate_onnx(path: Path, images_u8: np.ndarray, batch_size: int = 256, *,
 
     ``path`` is a model.onnx file or the version folder holding it. Normalisation comes from
     ``mean``/``std`` if given, else from :func:`onnx_info`. The graph's first input gets the
-    normalised batch (cast to float16 if the graph wants it); the first output's argmax is
-    the prediction.
+    normalised batch (cast to float16 if the graph wants it), or the pixels themselves when it
+    takes UINT8; the first output's argmax is the prediction.
     """
     path = _onnx_path(path)
     if mean is None or std is None:
@@ -137,11 +137,17 @@ def evaluate_onnx(path: Path, images_u8: np.ndarray, batch_size: int = 256, *,
     session = _session(path)
     inp = session.get_inputs()[0]
     _check_shape(images_u8, tuple(inp.shape[1:]), "ONNX model")
-    dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
     out_name = session.get_outputs()[0].name
-    preds = [np.argmax(session.run([out_name], {inp.name: normalize(
-        images_u8[i:i + batch_size], mean, std).astype(dtype)})[0], axis=1)
-        for i in range(0, len(images_u8), batch_size)]
+    if inp.type == "tensor(uint8)":
+        def feed(x: np.ndarray) -> np.ndarray:
+            return x  # the graph normalises the pixels itself (cnnserve export's default)
+    else:
+        dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+
+        def feed(x: np.ndarray) -> np.ndarray:
+            return normalize(x, mean, std).astype(dtype)
+    preds = [np.argmax(session.run([out_name], {inp.name: feed(images_u8[i:i + batch_size])})[0],
+                       axis=1) for i in range(0, len(images_u8), batch_size)]
     return np.concatenate(preds).astype(np.int64) if preds else np.empty(0, np.int64)
 
 
