@@ -130,6 +130,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str = "
             parser.add_argument(f.name, **positional)
             continue
         options: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if _required(f) and not (env_prefix and f.metadata["env"]):
+            options["required"] = True  # no default and no variable that could give it
         if kind.boolean:
             options["action"] = argparse.BooleanOptionalAction
         else:
@@ -142,6 +144,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str = "
             if kind.repeat:
                 options["action"] = "append"
         parser.add_argument(flag_of(cls, f.name), **options)
+
+
+def _required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is _MISSING and f.default_factory is _MISSING
 
 
 def build_options(cls: type[T], flags: Mapping[str, Any], environ: Mapping[str, str] = {},

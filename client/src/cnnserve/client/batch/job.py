@@ -17,47 +17,22 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import numpy as np
 
 from cnnserve.client import _infer
-from cnnserve.client._channel import TlsConfig
 from cnnserve.client._model import ModelInfo
 from cnnserve.client._retry import RETRYABLE_CODES, RetryPolicy
 from cnnserve.client.aio import AsyncInferenceClient
-from cnnserve.client.batch.results import Format, Record, ResultsFile
+from cnnserve.client.batch.results import Record, ResultsFile
 from cnnserve.client.batch.sources import Source, open_source
 from cnnserve.client.errors import InferenceServerError
+from cnnserve.client.options import BatchOptions
+
+__all__ = ["BatchOptions", "Summary", "run_batch_async", "run_batch_job"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchOptions:
-    """Settings of one batch job (the ``cnnserve batch`` flags)."""
-
-    url: str
-    model: str
-    input: str
-    output: str
-    format: Format = "jsonl"
-    version: str | None = None
-    #: Items per request (the server splits nothing; the client splits above max batch size).
-    batch_size: int = 64
-    #: Requests in flight at once.
-    concurrency: int = 4
-    top_k: int = 3
-    #: Deadline of each attempt of a request, seconds.
-    timeout: float = 60.0
-    #: Retries per request on UNAVAILABLE / RESOURCE_EXHAUSTED, or a full policy.
-    retries: int | RetryPolicy = 8
-    token: str | None = None
-    tls: bool | TlsConfig = False
-    progress: bool = True
-    #: Rerun items whose earlier record is an error (their old records are removed).
-    retry_failed: bool = False
 
 
 @dataclass
@@ -138,7 +113,7 @@ class _Job:
         start = time.perf_counter()
         try:
             outputs = await self.client.infer(
-                info.name, {info.image_input.name: inputs}, version=self.options.version,
+                info.name, {info.image_input.name: inputs}, version=self.options.model_version,
                 outputs=_infer.classify_outputs(info))
         except InferenceServerError as exc:
             log.warning("%d items failed: %s", len(ok), exc)
@@ -190,11 +165,6 @@ class _Job:
                     task.cancel()
 
 
-def _check(options: BatchOptions) -> None:
-    if options.batch_size < 1 or options.concurrency < 1 or options.top_k < 1:
-        raise ValueError("batch_size, concurrency and top_k must be >= 1")
-
-
 #: The job never cancels its own requests, so a CANCELLED answer means the server dropped the
 #: call (a restart that did not drain): worth retrying, unlike in the SDK, where CANCELLED
 #: usually means the caller gave up.
@@ -209,14 +179,13 @@ def _batch_policy(retries: int | RetryPolicy) -> RetryPolicy:
 
 async def run_batch_async(options: BatchOptions) -> Summary:
     """Run the job; see :func:`run_batch_job`."""
-    _check(options)
     summary = Summary()
-    async with AsyncInferenceClient(options.url, timeout=options.timeout, tls=options.tls,
+    async with AsyncInferenceClient(options.url, timeout=options.timeout, tls=options.tls_setting(),
                                     token=options.token,
                                     retries=_batch_policy(options.retries)) as client:
-        info = await client.model_info(options.model, options.version)
+        info = await client.model_info(options.model, options.model_version)
         source = open_source(options.input, info)
-        results = ResultsFile(Path(options.output), options.format)
+        results = ResultsFile(options.output, options.output_format)
         resumed = results.resume(retry_failed=options.retry_failed)
         try:
             todo = [i for i, rid in enumerate(source.ids) if results.key(rid) not in resumed.done]

@@ -16,12 +16,12 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
+from cnnserve.client.options import Format
 from cnnserve.common.errors import CnnserveError
 from cnnserve.common.files import write_atomically
 
-Format = Literal["jsonl", "csv"]
 CSV_FIELDS = ("id", "label", "index", "probability", "top_k", "true_label", "error")
 #: Digits kept of each probability: enough to rank, few enough to be stable across runs.
 PROBABILITY_DIGITS = 6

@@ -1,0 +1,141 @@
+"""The options of ``cnnserve batch`` and ``cnnserve classify``: one frozen dataclass each.
+
+Each field is one flag (its name, default and help in one place; :mod:`cnnserve.common.options`
+generates the argparse flags from them). The connection flags both commands share are the
+fields of :class:`ConnectionOptions`; a command's class inherits them and may change their
+defaults. Only ``--url`` and ``--token`` also read a variable (``CNNSERVE_URL``,
+``CNNSERVE_TOKEN``); a flag wins over its variable, an empty variable counts as unset.
+Standard library only, so ``cnnserve --help`` describes the flags without importing grpc.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from cnnserve.common import options
+from cnnserve.common.errors import CnnserveError
+from cnnserve.common.options import option
+
+if TYPE_CHECKING:
+    from cnnserve.client._channel import TlsConfig
+
+ENV_PREFIX = "CNNSERVE_"
+DEFAULT_URL = "localhost:8001"
+
+Format = Literal["jsonl", "csv"]
+OptionsT = TypeVar("OptionsT", bound="ConnectionOptions")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionOptions:
+    """Where the server is, which model, and how to reach it: flags every client command has."""
+
+    url: str = option(DEFAULT_URL,
+        f"server address host:port, or grpcs://host:port for TLS (default {DEFAULT_URL})")
+    model: str = option(help="model name in the server's repository", env=False)
+    model_version: str | None = option(None,
+        "model version (default: the newest the server serves)", env=False)
+    token: str | None = option(None,
+        "bearer token; prefer the variable: command lines are visible to other users",
+        repr=False)
+    tls: bool = option(False,
+        "use TLS, verifying the server with the system's trusted roots (default off)",
+        env=False)
+    tls_ca: Path | None = option(None,
+        "PEM CA certificate that verifies the server (implies --tls)", env=False)
+    tls_cert: Path | None = option(None,
+        "PEM client certificate for mutual TLS (with --tls-key)", env=False)
+    tls_key: Path | None = option(None, "PEM client private key", env=False)
+    tls_server_name: str | None = option(None,
+        "name to check in the server's certificate instead of the host", env=False)
+    timeout: float = option(30.0,
+        "deadline of each request attempt, seconds (default 30)", env=False)
+    retries: int = option(3,
+        "retries of a request on UNAVAILABLE / RESOURCE_EXHAUSTED, with exponential backoff "
+        "and jitter (default 3)", env=False)
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise CnnserveError(f"--retries must be at least 0, got {self.retries}")
+        if self.timeout <= 0:
+            raise CnnserveError(f"--timeout must be positive, got {self.timeout:g}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise CnnserveError("--tls-cert and --tls-key go together: give both or neither")
+
+    def tls_setting(self) -> bool | TlsConfig:
+        """The SDK's ``tls=`` argument: False, True, or the files of a :class:`TlsConfig`."""
+        if self.tls_ca or self.tls_cert or self.tls_key or self.tls_server_name:
+            from cnnserve.client._channel import TlsConfig
+
+            return TlsConfig(self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name)
+        return self.tls
+
+    @classmethod
+    def build(cls: type[OptionsT], flags: Mapping[str, Any], environ: Mapping[str, str] = {},
+              **fixed: Any) -> OptionsT:
+        """The options from parsed flags (None = not given) over variables over defaults.
+
+        Raises :class:`CnnserveError` for a value out of range, naming its flag.
+        """
+        set_vars = {k: v for k, v in environ.items() if v}  # CNNSERVE_TOKEN= means no token
+        return options.build_options(cls, flags, set_vars, env_prefix=ENV_PREFIX, **fixed)
+
+
+def _at_least(minimum: int, **values: int) -> None:
+    for name, value in values.items():
+        if value < minimum:
+            raise CnnserveError(f"--{name.replace('_', '-')} must be at least {minimum}, "
+                                f"got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifyOptions(ConnectionOptions):
+    """``cnnserve classify``: print the top-k labels of a few image files."""
+
+    images: tuple[Path, ...] = option(help="image files", positional=True, metavar="IMAGE")
+    top_k: int = option(3, "labels per image (default 3)", env=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(1, top_k=self.top_k)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchOptions(ConnectionOptions):
+    """``cnnserve batch`` (and :func:`cnnserve.client.batch.job.run_batch_job`): one job."""
+
+    timeout: float = option(60.0,
+        "deadline of each request attempt, seconds (default 60)", env=False)
+    retries: int = option(8,
+        "retries of a request on UNAVAILABLE / RESOURCE_EXHAUSTED, with exponential backoff "
+        "and jitter (default 8)", env=False)
+    input: str = option(help=
+        "a folder or glob of images, a single image, a .npy/.npz array (uint8 pixels, or float "
+        "model inputs), an IDX file, or a dataset name such as fashion-mnist:test", env=False)
+    output: Path = option(help="JSONL or CSV file to append to", env=False)
+    format: Format | None = option(None,
+        "output format (default: csv if OUTPUT ends in .csv, else jsonl)", env=False)
+    batch_size: int = option(64, "items per request (default 64)", env=False)
+    concurrency: int = option(4, "requests in flight at once (default 4)", env=False)
+    top_k: int = option(3, "classes per item (default 3)", env=False)
+    retry_failed: bool = option(False,
+        "run again the items whose earlier record is an error (default off)", env=False)
+    progress: bool = option(True,
+        "progress on stderr: a bar on a terminal, plain lines otherwise (default on)",
+        env=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "output", Path(self.output))  # callers may pass a str
+        _at_least(1, batch_size=self.batch_size, concurrency=self.concurrency,
+                  top_k=self.top_k)
+
+    @property
+    def output_format(self) -> Format:
+        """``format``, or what the output's suffix says (``.csv``, else JSONL)."""
+        if self.format is not None:
+            return self.format
+        return "csv" if self.output.suffix.lower() == ".csv" else "jsonl"
