@@ -110,8 +110,9 @@ class BatchOptions(ConnectionOptions):
     timeout: float = option(60.0,
         "deadline of each request attempt, seconds (default 60)", env=False)
     retries: int = option(8,
-        "retries of a request on UNAVAILABLE / RESOURCE_EXHAUSTED, with exponential backoff "
-        "and jitter (default 8)", env=False)
+        "retries of a request the server refuses as overloaded (RESOURCE_EXHAUSTED), with "
+        "exponential backoff and jitter; a server that is down or restarting is waited for "
+        "instead, see --max-outage (default 8)", env=False)
     input: str = option(help=
         "a folder or glob of images, a single image, a .npy/.npz array (uint8 pixels, or float "
         "model inputs), an IDX file, or a dataset name such as fashion-mnist:test", env=False)
@@ -123,6 +124,13 @@ class BatchOptions(ConnectionOptions):
     top_k: int = option(3, "classes per item (default 3)", env=False)
     retry_failed: bool = option(False,
         "run again the items whose earlier record is an error (default off)", env=False)
+    max_outage: float = option(300.0,
+        "longest the job waits for a server that is down or restarting, seconds; all "
+        "requests pause meanwhile and no item fails. Past it the job stops, and rerunning "
+        "it resumes (default 300)", env=False)
+    summary_json: Path | None = option(None,
+        "also write the summary (counts, items/s, latency percentiles, accuracy) as JSON here",
+        env=False)
     progress: bool = option(True,
         "progress on stderr: a bar on a terminal, plain lines otherwise (default on)",
         env=False)
@@ -132,6 +140,8 @@ class BatchOptions(ConnectionOptions):
         object.__setattr__(self, "output", Path(self.output))  # callers may pass a str
         _at_least(1, batch_size=self.batch_size, concurrency=self.concurrency,
                   top_k=self.top_k)
+        if self.max_outage < 0:
+            raise CnnserveError(f"--max-outage must be >= 0 seconds, got {self.max_outage:g}")
 
     @property
     def output_format(self) -> Format:
