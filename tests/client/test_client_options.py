@@ -38,7 +38,7 @@ def test_both_commands_share_the_connection_flags_with_their_own_defaults() -> N
     assert (classify.timeout, classify.retries) == (30.0, 3)
     assert isinstance(classify, ClassifyOptions)
     assert classify.images == (Path("a.png"), Path("b.png"))
-    assert batch.url == classify.url == DEFAULT_URL
+    assert batch.url == classify.url == (DEFAULT_URL,)
     assert flag_of(BatchOptions, "model_version") == "--model-version"
 
 
@@ -46,12 +46,12 @@ def test_url_and_token_come_from_the_environment_unless_a_flag_or_empty() -> Non
     env = {"CNNSERVE_URL": "h:1", "CNNSERVE_TOKEN": "secret", "CNNSERVE_MODEL": "ignored",
            "CNNSERVE_TIMEOUT": "1", "CNNSERVE_TLS_CERT": "server.pem"}
     from_env = _parse(BatchOptions, BATCH, env)
-    assert (from_env.url, from_env.token, from_env.model) == ("h:1", "secret", "m")
+    assert (from_env.url, from_env.token, from_env.model) == (("h:1",), "secret", "m")
     assert (from_env.timeout, from_env.tls_cert) == (60.0, None)  # server variables stay out
     flagged = _parse(BatchOptions, [*BATCH, "--url", "f:2", "--token", "t"], env)
-    assert (flagged.url, flagged.token) == ("f:2", "t")
+    assert (flagged.url, flagged.token) == (("f:2",), "t")
     empty = _parse(BatchOptions, BATCH, {"CNNSERVE_URL": "", "CNNSERVE_TOKEN": ""})
-    assert (empty.url, empty.token) == (DEFAULT_URL, None)
+    assert (empty.url, empty.token) == ((DEFAULT_URL,), None)
     assert "secret" not in repr(from_env)
 
 

@@ -38,10 +38,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from cnnserve.client.batch.job import run_batch_job
-
     options = BatchOptions.build(vars(args), os.environ)
-    summary = run_batch_job(options)
+    if options.engine == "ray":
+        from cnnserve.client.batch.raydata.job import run_ray_job
+
+        summary = run_ray_job(options)
+    else:
+        from cnnserve.client.batch.job import run_batch_job
+
+        summary = run_batch_job(options)
     print(summary.format(), file=sys.stderr)
     if summary.failed:
         print(f"cnnserve batch: {summary.errors + summary.earlier_errors} items failed; their "
@@ -60,7 +65,7 @@ def _classify(args: argparse.Namespace) -> int:
 
     options = ClassifyOptions.build(vars(args), os.environ)
     status = 0
-    with InferenceClient(options.url, timeout=options.timeout, retries=options.retries,
+    with InferenceClient(options.address, timeout=options.timeout, retries=options.retries,
                          tls=options.tls_setting(), token=options.token) as client:
         info = client.model_info(options.model, options.model_version)
         pixels, names = [], []

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 ENV_PREFIX = "CNNSERVE_"
 DEFAULT_URL = "localhost:8001"
 
-Format = Literal["jsonl", "csv"]
+Format = Literal["jsonl", "csv", "parquet"]
+Engine = Literal["local", "ray"]
 OptionsT = TypeVar("OptionsT", bound="ConnectionOptions")
 
 
@@ -33,8 +34,10 @@ OptionsT = TypeVar("OptionsT", bound="ConnectionOptions")
 class ConnectionOptions:
     """Where the server is, which model, and how to reach it: flags every client command has."""
 
-    url: str = option(DEFAULT_URL,
-        f"server address host:port, or grpcs://host:port for TLS (default {DEFAULT_URL})")
+    url: tuple[str, ...] = option((DEFAULT_URL,),
+        "server address host:port, or grpcs://host:port for TLS; repeat it (variable: "
+        "comma-separated) to spread a --engine ray job over several servers "
+        f"(default {DEFAULT_URL})", env="URL")
     model: str = option(help="model name in the server's repository", env=False)
     model_version: str | None = option(None,
         "model version (default: the newest the server serves)", env=False)
@@ -58,12 +61,25 @@ class ConnectionOptions:
         "and jitter (default 3)", env=False)
 
     def __post_init__(self) -> None:
+        given: Any = self.url
+        if isinstance(given, str):  # one address, as callers naturally pass it
+            object.__setattr__(self, "url", (given,))
+        if not self.url or not all(self.url):
+            raise CnnserveError("--url must name a server, e.g. localhost:8001")
         if self.retries < 0:
             raise CnnserveError(f"--retries must be at least 0, got {self.retries}")
         if self.timeout <= 0:
             raise CnnserveError(f"--timeout must be positive, got {self.timeout:g}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise CnnserveError("--tls-cert and --tls-key go together: give both or neither")
+
+    @property
+    def address(self) -> str:
+        """The server, for commands that talk to one; raises if several were given."""
+        if len(self.url) > 1:
+            raise CnnserveError(f"this command talks to one server; got --url "
+                                f"{', '.join(self.url)} (several are for --engine ray)")
+        return self.url[0]
 
     def tls_setting(self) -> bool | TlsConfig:
         """The SDK's ``tls=`` argument: False, True, or the files of a :class:`TlsConfig`."""
@@ -131,6 +147,25 @@ class BatchOptions(ConnectionOptions):
     summary_json: Path | None = option(None,
         "also write the summary (counts, items/s, latency percentiles, accuracy) as JSON here",
         env=False)
+    engine: Engine = option("local",
+        "local: this process sends the requests; ray: a Ray Data job, its output a folder of "
+        "one part file per block (needs the batch-ray extra) (default local)", env=False)
+    ray_address: str | None = option(None,
+        "Ray cluster to run on, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, else the cluster "
+        "started last on this machine, else a new local one)", env=False)
+    repository: Path | None = option(None,
+        "--engine ray in-process mode: each Ray actor runs ONNX Runtime on "
+        "REPOSITORY/MODEL/VERSION (the newest without --model-version), a path every node can "
+        "read, instead of calling servers", env=False)
+    ray_actors: int | None = option(None,
+        "--engine ray: actors in the pool (default: in-process, the cluster's CPUs / "
+        "--ray-threads; via servers, --concurrency)", env=False)
+    ray_threads: int = option(1,
+        "--engine ray in-process: ONNX Runtime threads per actor; each actor reserves that "
+        "many CPUs (default 1)", env=False)
+    block_size: int = option(1024,
+        "--engine ray: items per block, the unit of Ray's work, retries and resume; one "
+        "output file each (default 1024)", env=False)
     progress: bool = option(True,
         "progress on stderr: a bar on a terminal, plain lines otherwise (default on)",
         env=False)
@@ -140,12 +175,24 @@ class BatchOptions(ConnectionOptions):
         object.__setattr__(self, "output", Path(self.output))  # callers may pass a str
         _at_least(1, batch_size=self.batch_size, concurrency=self.concurrency,
                   top_k=self.top_k)
+        _at_least(1, ray_threads=self.ray_threads, block_size=self.block_size,
+                  ray_actors=self.ray_actors or 1)
+        if self.engine == "local":
+            ray_only = {"Parquet output": self.output_format == "parquet",
+                        "--repository": self.repository is not None,
+                        "--ray-address": self.ray_address is not None,
+                        "--ray-actors": self.ray_actors is not None,
+                        "several --url": len(self.url) > 1}
+            given = [flag for flag, used in ray_only.items() if used]
+            if given:
+                raise CnnserveError(f"{', '.join(given)} need --engine ray")
         if self.max_outage < 0:
             raise CnnserveError(f"--max-outage must be >= 0 seconds, got {self.max_outage:g}")
 
     @property
     def output_format(self) -> Format:
-        """``format``, or what the output's suffix says (``.csv``, else JSONL)."""
+        """``format``, or what the output's suffix says (``.csv``, ``.parquet``, else JSONL)."""
         if self.format is not None:
             return self.format
-        return "csv" if self.output.suffix.lower() == ".csv" else "jsonl"
+        suffix = self.output.suffix.lower()
+        return "csv" if suffix == ".csv" else "parquet" if suffix == ".parquet" else "jsonl"

@@ -28,14 +28,15 @@ _MISSING: Any = dataclasses.MISSING
 
 
 def option(default: Any = _MISSING, help: str = "", *, flag: str = "",
-           positional: bool = False, metavar: str = "", env: bool = True,
+           positional: bool = False, metavar: str = "", env: bool | str = True,
            default_factory: Any = _MISSING, repr: bool = True) -> Any:
     """A dataclass field that is also a command-line option.
 
     ``flag`` overrides the flag derived from the field name (``grpc_port`` -> ``--grpc-port``);
     ``positional`` makes it an argument (required unless it has a default); ``env`` False
     keeps it out of the environment (secrets on the command line are worse, paths of one run
-    are no setting). ``help`` should end with the default and give units.
+    are no setting); a string names the variable (after the prefix) instead of the flag.
+    ``help`` should end with the default and give units.
     """
     metadata = {"help": help, "flag": flag, "positional": positional, "metavar": metavar,
                 "env": env}
@@ -60,8 +61,12 @@ def flag_of(cls: type, name: str) -> str:
 def env_of(cls: type, name: str, prefix: str) -> str:
     """The environment variable of field ``name``, e.g. ``CNNSERVE_GRPC_PORT``.
 
-    A repeated option's variable takes a plural ``S`` (``--model`` -> ``CNNSERVE_MODELS``).
+    A repeated option's variable takes a plural ``S`` (``--model`` -> ``CNNSERVE_MODELS``)
+    unless the field names its variable (``env="URL"`` -> ``CNNSERVE_URL``).
     """
+    named = cls.__dataclass_fields__[name].metadata.get("env")  # type: ignore[attr-defined]
+    if isinstance(named, str):
+        return prefix + named
     kind = _kind(cls, name)
     return prefix + flag_of(cls, name).lstrip("-").replace("-", "_").upper() + (
         "S" if kind.repeat else "")

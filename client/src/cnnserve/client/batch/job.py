@@ -172,7 +172,7 @@ async def run_batch_async(options: BatchOptions) -> Summary:
 
 async def _run(options: BatchOptions, summary: Summary) -> None:
     policy = RetryPolicy(retries=options.retries, codes=BATCH_RETRYABLE_CODES)
-    async with AsyncInferenceClient(options.url, timeout=options.timeout,
+    async with AsyncInferenceClient(options.address, timeout=options.timeout,
                                     tls=options.tls_setting(), token=options.token,
                                     retries=policy) as client:
         gate = OutageGate(client, options.model, options.model_version,

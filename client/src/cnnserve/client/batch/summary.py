@@ -30,6 +30,8 @@ class Summary:
     outage_s: float = 0.0
     #: Why the job stopped before the end (None: it finished).
     stopped: str | None = None
+    #: Seconds spent starting or joining a Ray cluster (--engine ray), not in ``elapsed_s``.
+    startup_s: float = 0.0
 
     @property
     def failed(self) -> bool:
@@ -61,6 +63,8 @@ class Summary:
             lines.append(f"latency per request: p50 {self.percentile_ms(50):.1f} ms, "
                          f"p95 {self.percentile_ms(95):.1f} ms, "
                          f"p99 {self.percentile_ms(99):.1f} ms")
+        if self.startup_s:
+            lines.append(f"Ray start-up: {self.startup_s:.2f} s (not in the throughput)")
         if self.outages:
             lines.append(f"server outages ridden out: {self.outages} ({self.outage_s:.1f} s)")
         if self.labelled:
@@ -78,7 +82,8 @@ class Summary:
                 "failed": self.failed, "elapsed_s": round(self.elapsed_s, 6),
                 "items_per_s": round(self.items_per_s, 3), "requests": len(self.latencies_s),
                 "latency_ms": latency, "outages": self.outages,
-                "outage_s": round(self.outage_s, 3), "labelled": self.labelled,
+                "outage_s": round(self.outage_s, 3), "startup_s": round(self.startup_s, 3),
+                "labelled": self.labelled,
                 "correct": self.correct,
                 "accuracy": self.correct / self.labelled if self.labelled else None}
 
