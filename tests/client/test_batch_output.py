@@ -145,3 +145,34 @@ def test_summary_json_plain_progress_lines_and_nothing_to_do(
     assert "p50" not in again.stderr and "items/s" not in again.stderr
     report = json.loads(summary.read_text())
     assert (report["processed"], report["skipped"], report["latency_ms"]) == (0, N, None)
+
+
+def test_a_parquet_file_of_encoded_images_with_labels(
+        server: ServerThread, tmp_path: Path) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    pixels = np.random.default_rng(13).integers(0, 256, (20, 1, 4, 4), dtype=np.uint8)
+    encoded = []
+    for image in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(image[0]).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    encoded[3] = b"not an image"
+    labels = np.arange(20) % 3
+    pq.write_table(pa.table({"id": [f"img{i}" for i in range(20)], "image": encoded,
+                             "label": labels}), tmp_path / "data.parquet")
+    np.save(tmp_path / "data.npy", pixels)
+    from_parquet, from_npy = tmp_path / "p.jsonl", tmp_path / "n.jsonl"
+    assert _job(server, tmp_path / "data.parquet", from_parquet).returncode == 1  # one bad row
+    assert _job(server, tmp_path / "data.npy", from_npy).returncode == 0
+    got = [json.loads(line) for line in from_parquet.read_text().splitlines()]
+    want = [json.loads(line) for line in from_npy.read_text().splitlines()]
+    assert [r["id"] for r in got] == [f"img{i}" for i in range(20)]
+    assert "row 3" in got[3]["error"]
+    assert [r.get("index") for i, r in enumerate(got) if i != 3] == [
+        r["index"] for i, r in enumerate(want) if i != 3]
+    assert [r.get("true_index") for r in got] == labels.tolist()

@@ -64,7 +64,7 @@ def fashion() -> Any:
 
     try:
         return load_split("fashion-mnist", "test")
-    except Exception as exc:  # noqa: BLE001 -- any reason it is missing
+    except Exception as exc:
         pytest.skip(f"Fashion-MNIST is not installed: {exc}")
 
 
@@ -209,3 +209,74 @@ def test_a_rerun_after_an_interrupted_job_completes_it(
     assert rerun.skipped >= 250 * len(finished) and rerun.skipped + rerun.processed == 10_000
     assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in finished.items())
     _check_complete(out, repo, fashion)
+
+
+def _start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``ray start --block ARGS`` in its own process group; waits until the node is up."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--block",
+                                 "--disable-usage-stats", *args], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log.read_text(errors="replace"):
+        assert proc.poll() is None, log.read_text(errors="replace")
+        assert time.monotonic() < deadline, f"ray start did not finish: {log.read_text()}"
+        time.sleep(0.2)  # ray start reports in its log only
+    return proc
+
+
+def _stop_node(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the node's whole process group (raylet, GCS, workers): `ray stop` would stop
+    every Ray on the machine."""
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait_s)
+            time.sleep(1)  # the group's other processes exit after their leader
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.mark.skipif(os.environ.get("CNNSERVE_TEST_RAY_CLUSTER") != "1",
+                    reason="a multi-node Ray cluster binds the machine's address, not loopback "
+                           "(Ray 2.x resolves 127.0.0.1 to it for `ray start`); set "
+                           "CNNSERVE_TEST_RAY_CLUSTER=1 to run it where that is allowed")
+def test_a_two_process_cluster_runs_the_job_submitted_with_ray_address(
+        repo: Path, fashion: Any, tmp_path: Path) -> None:
+    import shutil
+    import tempfile
+
+    from tests.support.deploy import free_port
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    env["RAY_AUTH_MODE"] = "disabled"  # a throwaway test cluster
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        nodes.append(_start_node(["--head", "--port", str(free_port()), "--num-cpus", "1",
+                                  "--include-dashboard", "false", "--temp-dir", temp],
+                                 tmp_path / "head.log", env))
+        log = (tmp_path / "head.log").read_text()
+        address = log.split("ray start --address='", 1)[1].split("'", 1)[0]
+        nodes.append(_start_node(["--address", address, "--num-cpus", "1"],
+                                 tmp_path / "worker.log", env))
+        out = tmp_path / "out"
+        job = subprocess.run(
+            [sys.executable, "-m", "cnnserve.cli", "batch", "--engine", "ray", "--ray-address",
+             address, "--model", "tiny", "--repository", str(repo), "--input",
+             "fashion-mnist:test", "--output", str(out), "--block-size", "1000",
+             "--no-progress"], capture_output=True, text=True, timeout=600, env=env)
+        assert job.returncode == 0, job.stderr[-3000:]
+        # one 1-CPU actor per node: both processes of the cluster ran blocks
+        assert "on 2 actors (1 CPU each, 2 CPUs in the cluster)" in job.stderr
+        records = _records(out)
+        assert [r["id"] for r in records] == [str(i) for i in range(10_000)]
+        np.testing.assert_array_equal([r["index"] for r in records],
+                                      _evaluate(repo, "tiny", fashion.images))
+    finally:
+        for node in reversed(nodes):
+            _stop_node(node)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -93,3 +93,48 @@ def test_tls_files_become_a_tls_config() -> None:
     assert _parse(BatchOptions, BATCH).tls_setting() is False
     tls = _parse(BatchOptions, [*BATCH, "--tls-ca", "ca.pem"]).tls_setting()
     assert isinstance(tls, TlsConfig) and tls.ca_cert == Path("ca.pem")
+
+
+def test_url_repeats_for_the_ray_engine_only() -> None:
+    two = _parse(BatchOptions, [*BATCH, "--engine", "ray", "--url", "a:1", "--url", "b:2"])
+    assert two.url == ("a:1", "b:2")
+    from_env = _parse(BatchOptions, [*BATCH, "--engine", "ray"], {"CNNSERVE_URL": "a:1, b:2"})
+    assert from_env.url == ("a:1", "b:2")
+    with pytest.raises(CnnserveError, match="several --url need --engine ray"):
+        _parse(BatchOptions, [*BATCH, "--url", "a:1", "--url", "b:2"])
+    with pytest.raises(CnnserveError, match="talks to one server"):
+        _ = _parse(ClassifyOptions, ["--model", "m", "--url", "a:1", "--url", "b:2",
+                                     "x.png"]).address
+    assert BatchOptions(model="m", input="x", output=Path("o"), url="h:3").url == ("h:3",)
+
+
+@pytest.mark.parametrize("flags", [["--repository", "models"], ["--ray-address", "h:6379"],
+                                   ["--ray-actors", "2"], ["--format", "parquet"]])
+def test_ray_flags_need_the_ray_engine(flags: list[str]) -> None:
+    with pytest.raises(CnnserveError, match="need --engine ray"):
+        _parse(BatchOptions, [*BATCH, *flags])
+    options = _parse(BatchOptions, [*BATCH, "--engine", "ray", *flags])
+    assert isinstance(options, BatchOptions) and options.engine == "ray"
+
+
+def test_the_ray_engine_without_ray_names_the_install_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A finder that hides ray, as on a machine without the batch-ray extra.
+    script = """
+import sys
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Hide())
+from cnnserve.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    result = subprocess.run([sys.executable, "-c", script, "batch", "--engine", "ray",
+                             "--model", "m", "--input", "x.npy", "--output", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "--engine ray needs Ray Data" in result.stderr
+    assert "pip install 'cnnserve[batch-ray]'" in result.stderr

@@ -32,6 +32,9 @@ class Summary:
     stopped: str | None = None
     #: Seconds spent starting or joining a Ray cluster (--engine ray), not in ``elapsed_s``.
     startup_s: float = 0.0
+    #: Seconds from the start of a --engine ray job to its first finished block (actors
+    #: starting, models loading), part of ``elapsed_s``.
+    warmup_s: float = 0.0
 
     @property
     def failed(self) -> bool:
@@ -64,7 +67,8 @@ class Summary:
                          f"p95 {self.percentile_ms(95):.1f} ms, "
                          f"p99 {self.percentile_ms(99):.1f} ms")
         if self.startup_s:
-            lines.append(f"Ray start-up: {self.startup_s:.2f} s (not in the throughput)")
+            lines.append(f"Ray start-up: {self.startup_s:.2f} s (not in the throughput); first "
+                         f"block after {self.warmup_s:.2f} s (actors starting)")
         if self.outages:
             lines.append(f"server outages ridden out: {self.outages} ({self.outage_s:.1f} s)")
         if self.labelled:
@@ -83,6 +87,7 @@ class Summary:
                 "items_per_s": round(self.items_per_s, 3), "requests": len(self.latencies_s),
                 "latency_ms": latency, "outages": self.outages,
                 "outage_s": round(self.outage_s, 3), "startup_s": round(self.startup_s, 3),
+                "warmup_s": round(self.warmup_s, 3),
                 "labelled": self.labelled,
                 "correct": self.correct,
                 "accuracy": self.correct / self.labelled if self.labelled else None}

@@ -91,6 +91,8 @@ def _run(ray: Any, options: BatchOptions, summary: Summary) -> None:
         start = time.perf_counter()
         try:
             for row in _dataset(ray, task, todo).iter_rows():
+                if not summary.warmup_s:
+                    summary.warmup_s = time.perf_counter() - start
                 _write(layout, row, summary)
         except ray.exceptions.RayError as exc:
             done = summary.skipped + summary.processed
