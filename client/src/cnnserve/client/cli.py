@@ -38,15 +38,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _batch(args: argparse.Namespace) -> int:
+    from cnnserve.client.batch.job import run_batch_job
+
     options = BatchOptions.build(vars(args), os.environ)
-    if options.engine == "ray":
-        from cnnserve.client.batch.raydata.job import run_ray_job
-
-        summary = run_ray_job(options)
-    else:
-        from cnnserve.client.batch.job import run_batch_job
-
-        summary = run_batch_job(options)
+    summary = run_batch_job(options)
     print(summary.format(), file=sys.stderr)
     if summary.failed:
         print(f"cnnserve batch: {summary.errors + summary.earlier_errors} items failed; their "

@@ -216,6 +216,11 @@ def run_batch_job(options: BatchOptions) -> Summary:
     this job wrote) or must stop: the server stayed away longer than ``max_outage`` seconds
     (:class:`~cnnserve.client.batch.outage.OutageError`) or the output cannot be written
     (:class:`~cnnserve.client.batch.results.OutputError`). A stopped job's output holds whole
-    records in input order; rerunning the same job completes it.
+    records in input order; rerunning the same job completes it. With ``engine="ray"`` the
+    job runs on Ray Data instead (:func:`cnnserve.client.batch.raydata.job.run_ray_job`).
     """
+    if options.engine == "ray":
+        from cnnserve.client.batch.raydata.job import run_ray_job
+
+        return run_ray_job(options)
     return asyncio.run(run_batch_async(options))

@@ -94,7 +94,10 @@ def _run(ray: Any, options: BatchOptions, summary: Summary) -> None:
                 if not summary.warmup_s:
                     summary.warmup_s = time.perf_counter() - start
                 _write(layout, row, summary)
-        except ray.exceptions.RayError as exc:
+        except CnnserveError:
+            raise
+        except Exception as exc:  # a block failed for good (Ray's or the actor's error)
+            log.debug("the Ray job failed", exc_info=True)
             done = summary.skipped + summary.processed
             raise CnnserveError(f"the Ray job failed: {_first_line(exc)}. {done} of "
                                 f"{summary.total} items are in {layout.folder}; rerun the "
