@@ -1,7 +1,7 @@
-"""Batch-job benchmark: ``cnnserve batch`` through a local server vs ``cnnserve evaluate``.
+"""Batch-job benchmark: ``cnnserve batch`` through a local server, and on Ray, vs ``evaluate``.
 
     .venv/bin/python benchmarks/bench_batch.py [--input fashion-mnist:test]
-        [--repository REPO --model NAME] [--batch-size 256] [--concurrency 4]
+        [--repository REPO --model NAME] [--batch-size 256] [--concurrency 4] [--no-ray]
 
 Starts ``cnnserve serve`` in its own process (a LeNet-5-sized model with random weights
 unless ``--repository``/``--model`` name an exported one), then in this process, one after
@@ -10,6 +10,11 @@ it (:func:`cnnserve.training.train.evaluate.evaluate_onnx`), and the batch job
 (:func:`cnnserve.client.batch.job.run_batch_job`). Prints both rates, their ratio (target: the batch
 job at least 60% of in-process on a 2-core machine where client and server share the cores)
 and whether the predictions agree item by item (they must: same preprocessing, same graph).
+
+With Ray Data installed (the ``batch-ray`` extra), it then runs the job with ``--engine ray`` in
+in-process mode (one ONNX Runtime session per actor, one actor per CPU) on a local Ray: Ray's
+start-up is reported on its own line, the job's rate over its whole run and over the blocks
+after the first one (once the actors are up); target: in-process Ray >= 0.8x evaluate.
 """
 
 from __future__ import annotations
@@ -22,14 +27,43 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lenet_onnx import write_lenet_repository
-from servers import free_port, wait_ready
 
 from cnnserve.client.batch.job import BatchOptions, run_batch_job
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(address: str, process: subprocess.Popen[bytes], log: Path,
+               timeout: float = 120) -> None:
+    """Wait until the server answers ServerReady (through the SDK: servers.py uses
+    tritonclient's stubs, whose protobuf symbols clash with cnnserve's in one process)."""
+    from cnnserve.client import InferenceClient
+
+    deadline = time.monotonic() + timeout
+    with InferenceClient(address, retries=0, timeout=1) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
+            try:
+                if client.ready():
+                    return
+            except Exception:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} not ready after {timeout} s")
 
 
 def _args() -> argparse.Namespace:
@@ -40,7 +74,29 @@ def _args() -> argparse.Namespace:
     p.add_argument("--model", default="lenet", help="model in --repository (default lenet)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--no-ray", action="store_true", help="skip the --engine ray job")
     return p.parse_args()
+
+
+def _ray_job(args: argparse.Namespace, repo: Path, tmp: Path, n: int) -> tuple[float, Any]:
+    """Ray start-up seconds and the Summary of the in-process Ray job."""
+    import ray
+
+    from cnnserve.client.batch.raydata.job import run_ray_job
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+    started = time.perf_counter()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    startup_s = time.perf_counter() - started
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        summary = run_ray_job(BatchOptions(
+            model=args.model, input=args.input, output=tmp / "ray-out", engine="ray",
+            repository=repo, batch_size=args.batch_size, top_k=1, progress=False,
+            block_size=max(args.batch_size, -(-n // (4 * cpus)))))
+    finally:
+        ray.shutdown()
+    return startup_s, summary
 
 
 def main() -> None:
@@ -94,9 +150,37 @@ def main() -> None:
           f"p95 {summary.percentile_ms(95):.1f} ms, p99 {summary.percentile_ms(99):.1f} ms")
     print(f"predictions identical item by item: {agree}/{n}"
           + ("" if agree == n else "  <-- MISMATCH"))
+    if not args.no_ray:
+        _report_ray(args, repo, tmp, reference, in_process_rate, summary.items_per_s)
     if summary.labelled:
         print(f"accuracy through the server: {summary.correct / summary.labelled:.4f}, "
               f"in-process: {float((reference == data.labels).mean()):.4f}")
+
+
+def _report_ray(args: argparse.Namespace, repo: Path, tmp: Path, reference: np.ndarray,
+                in_process_rate: float, server_rate: float) -> None:
+    try:
+        startup_s, ray_summary = _ray_job(args, repo, tmp, len(reference))
+    except ImportError:
+        print("\n--engine ray: skipped (install the batch-ray extra)")
+        return
+    records = [json.loads(line) for part in sorted((tmp / "ray-out").glob("part-*.jsonl"))
+               for line in part.read_text().splitlines()]
+    agree = int((np.array([r["index"] for r in records]) == reference).sum())
+    first = ray_summary.processed // max(1, len(list((tmp / "ray-out").glob("part-*"))))
+    steady = ((ray_summary.processed - first) / (ray_summary.elapsed_s - ray_summary.warmup_s)
+              if ray_summary.elapsed_s > ray_summary.warmup_s else 0.0)
+    print(f"\n--engine ray, in-process ({os.cpu_count()} CPUs, one actor per CPU)")
+    print(f"{'Ray start-up (ray.init)':<36} {'':>10} {startup_s:>8.2f}")
+    print(f"{'whole job (actors start, then run)':<36} {ray_summary.items_per_s:>10.0f} "
+          f"{ray_summary.elapsed_s:>8.2f}")
+    print(f"{'after the first block':<36} {steady:>10.0f} "
+          f"{ray_summary.elapsed_s - ray_summary.warmup_s:>8.2f}")
+    print(f"ratio to in-process evaluate: {ray_summary.items_per_s / in_process_rate:.2f}x whole "
+          f"job, {steady / in_process_rate:.2f}x after the first block (target >= 0.8x); "
+          f"server-based job {server_rate / in_process_rate:.2f}x")
+    print(f"predictions identical item by item: {agree}/{len(reference)}"
+          + ("" if agree == len(reference) else "  <-- MISMATCH"))
 
 
 if __name__ == "__main__":

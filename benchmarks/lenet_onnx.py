@@ -11,13 +11,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from cnnserve.common.repository import (
-    ModelPolicy,
-    Normalization,
-    TensorSpec,
-    VersionConfig,
-    write_atomically,
-)
+from cnnserve.common.files import write_atomically
+from cnnserve.common.repository import ModelPolicy, Normalization, TensorSpec, VersionConfig
 
 
 def lenet5_graph(seed: int = 0) -> onnx.ModelProto:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import subprocess
 import threading
@@ -371,3 +372,16 @@ def test_tensor_encoding_round_trips_raw_bytes_and_typed_contents() -> None:
     assert decode_output(typed, None).tolist() == [1, -2, 3]
     with pytest.raises(ValueError, match="do not hold"):
         decode_output(answer, raw[:-1])
+
+
+async def test_retries_are_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FlakyServicer(failures=2, code=grpc.StatusCode.UNAVAILABLE)
+    server, url = await start_fake(fake)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="cnnserve.client"):
+            async with AsyncInferenceClient(url, retries=FAST) as c:
+                assert await c.live()
+    finally:
+        await server.stop(None)
+    retries = [r for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == 2 and {r.levelno for r in retries} == {logging.DEBUG}

@@ -32,8 +32,9 @@ def shell_commands() -> list[str]:
     """The `cnnserve ...` lines of the README's bash blocks, comments stripped."""
     lines = []
     for block in blocks("bash"):
-        for line in block.splitlines():
-            command = line.split("  #", 1)[0].strip()
+        joined = block.replace("\\\n", " ")  # a continued line is one command
+        for line in joined.splitlines():
+            command = " ".join(line.split("  #", 1)[0].split())
             if command.startswith("cnnserve "):
                 lines.append(command)
     return lines

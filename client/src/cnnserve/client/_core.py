@@ -127,7 +127,7 @@ class Core:
                     raise
                 delay = self.policy.backoff(attempt)
                 attempt += 1
-                log.info("%s failed with %s (%s); retry %d/%d in %.2f s", method,
+                log.debug("%s failed with %s (%s); retry %d/%d in %.2f s", method,
                          exc.code.name, exc.message, attempt, self.policy.retries, delay)
                 yield Sleep(delay)
 

@@ -29,7 +29,7 @@ _MISSING: Any = dataclasses.MISSING
 
 def option(default: Any = _MISSING, help: str = "", *, flag: str = "",
            aliases: tuple[str, ...] = (), positional: bool = False, metavar: str = "",
-           env: bool = True, default_factory: Any = _MISSING, repr: bool = True,
+           env: bool | str = True, default_factory: Any = _MISSING, repr: bool = True,
            parse: Callable[[str], Any] | None = None) -> Any:
     """A dataclass field that is also a command-line option.
 
@@ -38,7 +38,8 @@ def option(default: Any = _MISSING, help: str = "", *, flag: str = "",
     ``--model-repository``), listed beside the flag in ``--help``;
     ``positional`` makes it an argument (required unless it has a default); ``env`` False
     keeps it out of the environment (secrets on the command line are worse, paths of one run
-    are no setting). ``parse`` replaces the parser the annotation implies (it may raise
+    are no setting); a string names the variable (after the prefix) instead of the flag.
+    ``parse`` replaces the parser the annotation implies (it may raise
     ``argparse.ArgumentTypeError``, a usage error naming what is allowed). ``help`` should end
     with the default and give units.
     """
@@ -65,8 +66,12 @@ def flag_of(cls: type, name: str) -> str:
 def env_of(cls: type, name: str, prefix: str) -> str:
     """The environment variable of field ``name``, e.g. ``CNNSERVE_GRPC_PORT``.
 
-    A repeated option's variable takes a plural ``S`` (``--model`` -> ``CNNSERVE_MODELS``).
+    A repeated option's variable takes a plural ``S`` (``--model`` -> ``CNNSERVE_MODELS``)
+    unless the field names its variable (``env="URL"`` -> ``CNNSERVE_URL``).
     """
+    named = cls.__dataclass_fields__[name].metadata.get("env")  # type: ignore[attr-defined]
+    if isinstance(named, str):
+        return prefix + named
     kind = _kind(cls, name)
     return prefix + flag_of(cls, name).lstrip("-").replace("-", "_").upper() + (
         "S" if kind.repeat else "")
@@ -100,7 +105,9 @@ def _kind(cls: type, name: str) -> _Kind:
     parsers: dict[Any, Callable[[str], Any]] = {Path: Path, int: int, float: float,
                                                 bool: parse_bool}
     custom = cls.__dataclass_fields__[name].metadata.get("parse")  # type: ignore[attr-defined]
-    parse = custom or parsers.get(hint, str)
+    if custom is not None:  # it parses the whole value: one flag, not a repeated one
+        return _Kind(custom, (), False, False, optional)
+    parse = parsers.get(hint, str)
     return _Kind(parse, choices, repeat, hint is bool and not repeat, optional)
 
 
@@ -159,6 +166,8 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
             continue
         options: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text,
                                    "type": kind.parse}
+        if _required(f) and not (env_prefix and f.metadata["env"]):
+            options["required"] = True  # no default and no variable that could give it
         if kind.choices:
             options["choices"] = kind.choices
         else:
@@ -187,6 +196,10 @@ def _add_boolean(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     parser.add_argument(*("--no-" + f.lstrip("-") for f in flags), dest=dest,
                         action="store_const", const=False, default=None,
                         help=argparse.SUPPRESS)
+
+
+def _required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is _MISSING and f.default_factory is _MISSING
 
 
 def build_options(cls: type[T], flags: Mapping[str, Any], environ: Mapping[str, str] = {},

@@ -3,113 +3,53 @@
 ``cnnserve batch`` calls :func:`run_batch_job`. Items are read from the input
 (:mod:`cnnserve.client.batch.sources`), sent in requests of ``batch_size`` with ``concurrency``
 requests in flight, and written in input order to a JSONL or CSV file
-(:mod:`cnnserve.client.batch.results`). Calls retry with backoff through a server restart or
-overload; a batch that still fails is recorded item by item with its error and the job goes
-on. Rerunning with the same output resumes: items already written are skipped.
+(:mod:`cnnserve.client.batch.results`). While the server is down or restarting, every request
+waits for it (:mod:`cnnserve.client.batch.outage`), up to ``max_outage`` seconds; an overloaded
+server is retried with backoff; a request the server refuses for good is recorded item by
+item with its error and the job goes on. Rerunning with the same output resumes: items
+already written are skipped, and the file ends up byte for byte as an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import numpy as np
 
 from cnnserve.client import _infer
-from cnnserve.client._channel import TlsConfig
 from cnnserve.client._model import ModelInfo
-from cnnserve.client._retry import RETRYABLE_CODES, RetryPolicy
+from cnnserve.client._retry import RetryPolicy
 from cnnserve.client.aio import AsyncInferenceClient
-from cnnserve.client.batch.results import Format, Record, ResultsFile
+from cnnserve.client.batch.outage import OutageError, OutageGate
+from cnnserve.client.batch.progress import Progress
+from cnnserve.client.batch.results import OutputError, Record, ResultsFile, os_reason
 from cnnserve.client.batch.sources import Source, open_source
+from cnnserve.client.batch.summary import Summary
 from cnnserve.client.errors import InferenceServerError
+from cnnserve.client.options import BatchOptions
+from cnnserve.common.errors import CnnserveError
+
+__all__ = ["BatchOptions", "Summary", "run_batch_async", "run_batch_job"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class BatchOptions:
-    """Settings of one batch job (the ``cnnserve batch`` flags)."""
-
-    url: str
-    model: str
-    input: str
-    output: str
-    format: Format = "jsonl"
-    version: str | None = None
-    #: Items per request (the server splits nothing; the client splits above max batch size).
-    batch_size: int = 64
-    #: Requests in flight at once.
-    concurrency: int = 4
-    top_k: int = 3
-    #: Deadline of each attempt of a request, seconds.
-    timeout: float = 60.0
-    #: Retries per request on UNAVAILABLE / RESOURCE_EXHAUSTED, or a full policy.
-    retries: int | RetryPolicy = 8
-    token: str | None = None
-    tls: bool | TlsConfig = False
-    progress: bool = True
-    #: Rerun items whose earlier record is an error (their old records are removed).
-    retry_failed: bool = False
-
-
-@dataclass
-class Summary:
-    """What the job did. Latencies are per request, seconds; accuracy covers the whole file."""
-
-    total: int = 0
-    skipped: int = 0
-    processed: int = 0
-    errors: int = 0
-    earlier_errors: int = 0
-    elapsed_s: float = 0.0
-    latencies_s: list[float] = field(default_factory=list)
-    correct: int = 0
-    labelled: int = 0
-
-    @property
-    def failed(self) -> bool:
-        """Whether any item in the output, from this run or earlier ones, is an error."""
-        return self.errors + self.earlier_errors > 0
-
-    @property
-    def items_per_s(self) -> float:
-        """Items processed by this run per second of its wall time."""
-        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def percentile_ms(self, q: float) -> float:
-        """Request latency percentile ``q`` (0..100) in milliseconds; 0 without requests."""
-        if not self.latencies_s:
-            return 0.0
-        return float(np.percentile(np.asarray(self.latencies_s), q)) * 1000.0
-
-    def format(self) -> str:
-        """A few human-readable lines for the end of the job."""
-        lines = [f"items: {self.total} ({self.processed} processed, {self.skipped} already in "
-                 f"the output), errors: {self.errors} in this run, {self.earlier_errors} "
-                 "earlier",
-                 f"throughput: {self.items_per_s:.1f} items/s over {self.elapsed_s:.2f} s",
-                 f"latency per request: p50 {self.percentile_ms(50):.1f} ms, "
-                 f"p95 {self.percentile_ms(95):.1f} ms, p99 {self.percentile_ms(99):.1f} ms"]
-        if self.labelled:
-            lines.append(f"accuracy: {self.correct / self.labelled:.4f} "
-                         f"({self.correct}/{self.labelled} labelled items)")
-        return "\n".join(lines)
+#: Retried per request with backoff: an overloaded server. A server that is down is no
+#: reason to spend a request's retries: the outage gate waits for it instead.
+BATCH_RETRYABLE_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 class _Job:
     """One run: the client, the model, the source and the output, and their counters."""
 
-    def __init__(self, options: BatchOptions, client: AsyncInferenceClient, info: ModelInfo,
-                 source: Source, results: ResultsFile, summary: Summary) -> None:
-        self.options, self.client, self.info = options, client, info
+    def __init__(self, options: BatchOptions, client: AsyncInferenceClient, gate: OutageGate,
+                 info: ModelInfo, source: Source, results: ResultsFile,
+                 summary: Summary) -> None:
+        self.options, self.client, self.gate, self.info = options, client, gate, info
         self.source, self.results, self.summary = source, results, summary
 
     def _truth(self, item: int) -> tuple[str | None, int | None]:
@@ -119,7 +59,11 @@ class _Job:
         return self.info.label(index), index
 
     async def process(self, items: Sequence[int]) -> list[Record]:
-        """Records for ``items`` (ids in order); failures become error records."""
+        """Records for ``items`` (ids in order); failures become error records.
+
+        Raises :class:`~cnnserve.client.batch.outage.OutageError` when the server stays
+        away too long: those items get no record, so a rerun does them.
+        """
         loop = asyncio.get_running_loop()
         try:
             loaded = await loop.run_in_executor(None, self.source.load, items, self.info)
@@ -135,15 +79,20 @@ class _Job:
     async def _infer(self, items: Sequence[int], ok: list[int],
                      inputs: np.ndarray) -> dict[int, Record]:
         info = self.info
-        start = time.perf_counter()
-        try:
+
+        async def send() -> tuple[dict[str, np.ndarray], float]:
+            start = time.perf_counter()
             outputs = await self.client.infer(
-                info.name, {info.image_input.name: inputs}, version=self.options.version,
+                info.name, {info.image_input.name: inputs}, version=self.options.model_version,
                 outputs=_infer.classify_outputs(info))
+            return outputs, time.perf_counter() - start
+
+        try:
+            outputs, latency_s = await self.gate.call(send)
         except InferenceServerError as exc:
             log.warning("%d items failed: %s", len(ok), exc)
             return {p: self._record(items[p], error=str(exc)) for p in ok}
-        self.summary.latencies_s.append(time.perf_counter() - start)
+        self.summary.latencies_s.append(latency_s)
         order, probs = _infer.rank(info, outputs, self.options.top_k)
         return {p: self._record(items[p], top_k=tuple(
                     (info.label(int(i)), int(i), float(q)) for i, q in zip(row, prow, strict=True)))
@@ -163,15 +112,24 @@ class _Job:
                 s.labelled += 1
                 s.correct += r.correct
 
+    def write(self, records: list[Record]) -> None:
+        """Append ``records``; raises :class:`OutputError` saying how to resume."""
+        try:
+            self.results.write(records)
+        except OSError as exc:
+            done = self.summary.skipped + self.summary.processed
+            raise OutputError(
+                f"cannot write {self.results.path}: {os_reason(exc)}. It holds the complete "
+                f"records of {done} of {self.summary.total} items; make room (or make it "
+                "writable) and rerun the same command to resume") from exc
+        self.account(records)
+
     async def run(self, chunks: list[list[int]]) -> None:
         """Process chunks with ``concurrency`` in flight, writing results in input order."""
-        from tqdm import tqdm
-
         pending: deque[asyncio.Task[list[Record]]] = deque()
         upcoming = iter(chunks)
         total = sum(len(c) for c in chunks)
-        with tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True,
-                  disable=not self.options.progress, desc=self.info.name) as bar:
+        with Progress(total, what=self.info.name, enabled=self.options.progress) as progress:
             try:
                 for chunk in upcoming:
                     pending.append(asyncio.create_task(self.process(chunk)))
@@ -182,41 +140,50 @@ class _Job:
                     nxt = next(upcoming, None)
                     if nxt is not None:
                         pending.append(asyncio.create_task(self.process(nxt)))
-                    self.results.write(records)
-                    self.account(records)
-                    bar.update(len(records))
+                    self.write(records)
+                    progress.update(len(records))
             finally:
                 for task in pending:
                     task.cancel()
-
-
-def _check(options: BatchOptions) -> None:
-    if options.batch_size < 1 or options.concurrency < 1 or options.top_k < 1:
-        raise ValueError("batch_size, concurrency and top_k must be >= 1")
-
-
-#: The job never cancels its own requests, so a CANCELLED answer means the server dropped the
-#: call (a restart that did not drain): worth retrying, unlike in the SDK, where CANCELLED
-#: usually means the caller gave up.
-BATCH_RETRYABLE_CODES = RETRYABLE_CODES | {grpc.StatusCode.CANCELLED}
-
-
-def _batch_policy(retries: int | RetryPolicy) -> RetryPolicy:
-    if isinstance(retries, RetryPolicy):
-        return retries
-    return RetryPolicy(retries=retries, codes=BATCH_RETRYABLE_CODES)
+                await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def run_batch_async(options: BatchOptions) -> Summary:
     """Run the job; see :func:`run_batch_job`."""
-    _check(options)
     summary = Summary()
-    async with AsyncInferenceClient(options.url, timeout=options.timeout, tls=options.tls,
-                                    token=options.token,
-                                    retries=_batch_policy(options.retries)) as client:
-        info = await client.model_info(options.model, options.version)
+    start = time.perf_counter()
+    try:
+        await _run(options, summary)
+    except OutageError as exc:
+        done = summary.skipped + summary.processed
+        where = (f"{done} of {summary.total} items are in {options.output}; "
+                 if summary.total else "")
+        summary.stopped = f"{exc}. {where}rerun the same command once the server is back"
+        raise OutageError(summary.stopped) from exc
+    except CnnserveError as exc:
+        summary.stopped = str(exc)
+        raise
+    finally:
+        summary.elapsed_s = time.perf_counter() - start
+        if options.summary_json is not None:
+            _write_summary(summary, options)
+    return summary
+
+
+async def _run(options: BatchOptions, summary: Summary) -> None:
+    policy = RetryPolicy(retries=options.retries, codes=BATCH_RETRYABLE_CODES)
+    async with AsyncInferenceClient(options.address, timeout=options.timeout,
+                                    tls=options.tls_setting(), token=options.token,
+                                    retries=policy) as client:
+        gate = OutageGate(client, options.model, options.model_version,
+                          max_outage_s=options.max_outage)
+        try:
+            info = await gate.call(lambda: client.model_info(options.model,
+                                                             options.model_version))
+        except InferenceServerError as exc:
+            raise CnnserveError(str(exc)) from exc
         source = open_source(options.input, info)
-        results = ResultsFile(Path(options.output), options.format)
+        results = ResultsFile(options.output, options.output_format)
         resumed = results.resume(retry_failed=options.retry_failed)
         try:
             todo = [i for i, rid in enumerate(source.ids) if results.key(rid) not in resumed.done]
@@ -226,20 +193,34 @@ async def run_batch_async(options: BatchOptions) -> Summary:
             summary.correct, summary.labelled = resumed.correct, resumed.labelled
             chunks = [todo[i:i + options.batch_size]
                       for i in range(0, len(todo), options.batch_size)]
-            start = time.perf_counter()
-            await _Job(options, client, info, source, results, summary).run(chunks)
-            summary.elapsed_s = time.perf_counter() - start
+            await _Job(options, client, gate, info, source, results, summary).run(chunks)
         finally:
             results.close()
-    return summary
+            summary.outages, summary.outage_s = gate.outages, gate.outage_s
+
+
+def _write_summary(summary: Summary, options: BatchOptions) -> None:
+    assert options.summary_json is not None
+    try:
+        summary.write_json(options.summary_json)
+    except OSError as exc:
+        log.error("cannot write the summary to %s: %s", options.summary_json, os_reason(exc))
 
 
 def run_batch_job(options: BatchOptions) -> Summary:
     """Classify every item of ``options.input`` and append the results to ``options.output``.
 
     Returns the :class:`Summary`; ``summary.failed`` says whether any item has an error record.
-    Raises :class:`~cnnserve.common.errors.CnnserveError` when the job cannot start: the server is
-    unreachable after the retries, the model is unknown, the input is missing or does not fit
-    the model, or the output file is not one this job wrote.
+    Raises :class:`~cnnserve.common.errors.CnnserveError` when the job cannot start (the model
+    is unknown, the input is missing or does not fit the model, the output file is not one
+    this job wrote) or must stop: the server stayed away longer than ``max_outage`` seconds
+    (:class:`~cnnserve.client.batch.outage.OutageError`) or the output cannot be written
+    (:class:`~cnnserve.client.batch.results.OutputError`). A stopped job's output holds whole
+    records in input order; rerunning the same job completes it. With ``engine="ray"`` the
+    job runs on Ray Data instead (:func:`cnnserve.client.batch.raydata.job.run_ray_job`).
     """
+    if options.engine == "ray":
+        from cnnserve.client.batch.raydata.job import run_ray_job
+
+        return run_ray_job(options)
     return asyncio.run(run_batch_async(options))

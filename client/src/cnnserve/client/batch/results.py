@@ -10,18 +10,19 @@ no lost work, no duplicates, and the same bytes as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
 
+from cnnserve.client.options import Format
 from cnnserve.common.errors import CnnserveError
-from cnnserve.common.files import write_atomically
+from cnnserve.common.files import FILE_MODE, write_atomically
 
-Format = Literal["jsonl", "csv"]
 CSV_FIELDS = ("id", "label", "index", "probability", "top_k", "true_label", "error")
 #: Digits kept of each probability: enough to rank, few enough to be stable across runs.
 PROBABILITY_DIGITS = 6
@@ -89,22 +90,43 @@ class Resumed:
     labelled: int = 0
 
 
+class OutputError(CnnserveError):
+    """The output file cannot be read or written (read-only folder, disk full...)."""
+
+
 class ResultsFile:
-    """An output file opened for appending records of format ``fmt`` (``jsonl`` or ``csv``)."""
+    """An output file opened for appending records of format ``fmt`` (``jsonl`` or ``csv``).
+
+    Writes either append whole records or, when the system refuses them (disk full,
+    read-only), leave the file as it was and raise :class:`OutputError`: the file always
+    holds complete records, so a rerun resumes it.
+    """
 
     def __init__(self, path: Path, fmt: Format) -> None:
         self.path = path
         self.fmt = fmt
-        self._fh: IO[str] | None = None
+        self._fd: int | None = None
+        self._size = 0
 
     def resume(self, *, retry_failed: bool = False) -> Resumed:
         """Read what earlier runs wrote and open the file for appending.
 
         A partial last line (a run killed mid-write) is cut off. With ``retry_failed``,
         records of failed items are removed so those items run again. Raises
-        :class:`CnnserveError` if the file is not output of this job in format ``fmt``.
+        :class:`CnnserveError` if the file is not output of this job in format ``fmt``, and
+        :class:`OutputError` if it cannot be read, fixed up or opened for writing.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._resume(retry_failed)
+        except OSError as exc:
+            raise OutputError(f"cannot use {self.path} as the output: {os_reason(exc)}") from exc
+
+    def _resume(self, retry_failed: bool) -> Resumed:
+        parent = self.path.parent
+        if parent.exists() and not parent.is_dir():
+            raise OutputError(f"cannot use {self.path} as the output: {parent} is a file, "
+                              "not a folder")
+        parent.mkdir(parents=True, exist_ok=True)
         raw = self.path.read_bytes() if self.path.exists() else b""
         keep = raw[:raw.rfind(b"\n") + 1]
         lines = [line + "\n" for line in
@@ -125,10 +147,14 @@ class ResultsFile:
             if correct is not None:
                 resumed.labelled += 1
                 resumed.correct += correct
-        text = (header or "") + "".join(kept)
-        if text.encode("utf-8") != raw:
-            _replace(self.path, text)
-        self._fh = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115
+        text = ((header or "") + "".join(kept)).encode("utf-8")
+        if raw.startswith(text) and raw:
+            if len(text) < len(raw):  # only a partial last line to drop: no space needed
+                os.truncate(self.path, len(text))
+        elif text != raw:
+            write_atomically(self.path, text)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        self._size = os.fstat(self._fd).st_size
         return resumed
 
     def _parse(self, line: str, number: int) -> tuple[str, bool, bool | None]:
@@ -157,17 +183,34 @@ class ResultsFile:
         return item_id if self.fmt == "jsonl" else _one_line(item_id)
 
     def write(self, records: Iterable[Record]) -> None:
-        """Append ``records`` and flush them to the operating system."""
-        if self._fh is None:
+        """Append ``records`` (to the operating system, not fsynced); all or none of them.
+
+        Raises :class:`OSError` when the system refuses (disk full, read-only); the file is
+        then cut back to the records it held before.
+        """
+        if self._fd is None:
             raise RuntimeError("call resume() before write()")
-        self._fh.write("".join(format_record(r, self.fmt) for r in records))
-        self._fh.flush()
+        data = memoryview("".join(format_record(r, self.fmt) for r in records).encode("utf-8"))
+        written = 0
+        try:
+            while written < len(data):  # a full disk may take part of it before refusing
+                written += os.write(self._fd, data[written:])
+        except OSError:
+            with contextlib.suppress(OSError):  # if this fails too, resume drops the tail
+                os.ftruncate(self._fd, self._size)
+            raise
+        self._size += written
+
+    @property
+    def size(self) -> int:
+        """Bytes in the file: whole records only."""
+        return self._size
 
     def close(self) -> None:
-        """Close the file (records already written are flushed)."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        """Close the file (records already written stay)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def format_header(fmt: Format) -> str:
@@ -179,5 +222,6 @@ def format_header(fmt: Format) -> str:
     return buf.getvalue()
 
 
-def _replace(path: Path, text: str) -> None:
-    write_atomically(path, text)
+def os_reason(exc: OSError) -> str:
+    """``No space left on device`` rather than ``[Errno 28] No space left on device: 'x'``."""
+    return exc.strerror or str(exc)

@@ -1,4 +1,4 @@
-"""Inputs of the batch job: image folders and globs, numpy files, IDX files, dataset names.
+"""Inputs of the batch job: image folders and globs, numpy, Parquet and IDX files, datasets.
 
 :func:`open_source` resolves the job's ``--input`` to a :class:`Source`: stable item ids in a
 deterministic order (sorted relative paths, or array indices), the true class indices when
@@ -25,6 +25,8 @@ from cnnserve.common.errors import CnnserveError
 #: Keys tried, in order, for the images and labels of an ``.npz`` file.
 NPZ_IMAGE_KEYS = ("images", "x", "x_test", "X", "data", "inputs")
 NPZ_LABEL_KEYS = ("labels", "y", "y_test", "Y", "targets")
+#: Columns tried, in order, for the images of a Parquet file (encoded bytes or uint8 pixels).
+PARQUET_IMAGE_COLUMNS = ("image", "images", "bytes", "pixels")
 _IDX_NAME = re.compile(r"(idx\d?|ubyte)(\.gz)?$|\.idx\d?(\.gz)?$", re.IGNORECASE)
 
 
@@ -86,6 +88,49 @@ class FileSource(Source):
                 pixels[len(ok)] = load_image(self.paths[item], shape)
             except ImageError as exc:
                 errors[pos] = str(exc)
+                continue
+            ok.append(pos)
+        return Loaded(preprocess(info, pixels[:len(ok)]) if ok else pixels[:0], ok, errors)
+
+
+class ParquetSource(Source):
+    """A Parquet file: an image column (encoded image bytes, or C*H*W uint8 pixel lists),
+    and optional ``label`` (class index) and ``id`` columns; ids default to row numbers."""
+
+    def __init__(self, path: Path, info: ModelInfo) -> None:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise CnnserveError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow, "
+                                "or the batch-ray extra)") from exc
+        table = pq.read_table(path)
+        names = table.column_names
+        column = next((c for c in PARQUET_IMAGE_COLUMNS if c in names), None)
+        if column is None:
+            raise CnnserveError(f"{path}: no image column among {names}; name it one of "
+                                f"{list(PARQUET_IMAGE_COLUMNS)}")
+        self.images: list[object] = table.column(column).to_pylist()
+        self.ids = ([str(v) for v in table.column("id").to_pylist()] if "id" in names
+                    else [str(i) for i in range(len(self.images))])
+        labels = table.column("label").to_numpy() if "label" in names else None
+        self.labels = _check_labels(labels, len(self.images), str(path))
+
+    def load(self, items: Sequence[int], info: ModelInfo) -> Loaded:
+        from cnnserve.client.images import load_image
+
+        shape = info.image_shape
+        pixels = np.empty((len(items), *shape), dtype=np.uint8)
+        ok: list[int] = []
+        errors: dict[int, str] = {}
+        for pos, item in enumerate(items):
+            value = self.images[item]
+            try:
+                if isinstance(value, bytes):
+                    pixels[len(ok)] = load_image(value, shape)
+                else:
+                    pixels[len(ok)] = np.asarray(value, dtype=np.uint8).reshape(shape)
+            except (ImageError, ValueError, TypeError) as exc:
+                errors[pos] = f"row {item}: {exc}"
                 continue
             ok.append(pos)
         return Loaded(preprocess(info, pixels[:len(ok)]) if ok else pixels[:0], ok, errors)
@@ -211,6 +256,8 @@ def open_source(spec: str, info: ModelInfo) -> Source:
                 return ArraySource(np.load(path, allow_pickle=False), None, info, str(path))
             if path.suffix.lower() == ".npz":
                 return ArraySource(*_npz(path), info, str(path))
+            if path.suffix.lower() == ".parquet":
+                return ParquetSource(path, info)
         except (OSError, ValueError) as exc:
             raise CnnserveError(f"cannot read {path}: {exc}") from exc
         if _IDX_NAME.search(path.name):
