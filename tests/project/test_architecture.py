@@ -27,10 +27,9 @@ def _mentioned_paths() -> set[str]:
 
 
 def _exists(token: str) -> bool:
-    for base in BASES:
-        if any(base.glob(token)) if "*" in token else (base / token).exists():
-            return True
-    return False
+    if "*" in token:
+        return any(any(base.glob(token)) for base in BASES)
+    return any((base / token).exists() for base in BASES)
 
 
 def test_every_path_the_architecture_names_exists() -> None:
