@@ -37,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grpc_floor  # noqa: E402
 from procstat import memory_mib  # noqa: E402
 
 from cnnserve.common.repository import DynamicBatching, ModelPolicy  # noqa: E402
@@ -314,13 +315,26 @@ def main() -> None:
     finally:
         exit_code = server.stop()
     log = (workdir / "server.log").read_text(errors="replace")
+    floor = _grpc_floor(workdir)
     _report(phases, before, peak, after, alive and exit_code == 0, log, batch_verdict,
-            time.monotonic() - began)
+            time.monotonic() - began, floor)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _grpc_floor(workdir: Path) -> tuple[float, float, float]:
+    """The same large bodies (15 x 48 MiB FP32, 10 x 48 MiB BYTES), one at a time, sent to a
+    bare grpc.aio server that parses and refuses them: what grpcio alone costs."""
+    big = 48 * MiB
+    bodies = [_infer("linear", (big // 64, 1, 4, 1), b"\0" * big).SerializeToString()
+              for _ in range(15)]
+    bodies += [_infer("linear", (1, 1, 4, 4), b"\0" * big, "BYTES").SerializeToString()
+               for _ in range(10)]
+    return grpc_floor.measure(bodies, LIMIT, workdir)
+
+
 def _report(phases: list[Phase], before: float, peak: float, after: float, survived: bool,
-            log: str, batch_verdict: str, elapsed: float) -> None:
+            log: str, batch_verdict: str, elapsed: float,
+            floor: tuple[float, float, float]) -> None:
     print(f"\ncnnserve soak ({elapsed:.0f} s; 64 MiB message limit)\n")
     print("| phase | outcomes | accepted p99 ms | RSS after, MiB | note |\n|---|---|---|---|---|")
     for p in phases:
@@ -335,13 +349,17 @@ def _report(phases: list[Phase], before: float, peak: float, after: float, survi
     tracebacks = log.count("Traceback")
     limit_mib = LIMIT / MiB
     print(f"\nRSS of the first server (MiB): before {before:.0f}, peak {peak:.0f}, "
-          f"after {after:.0f}; server log tracebacks: {tracebacks}\n")
+          f"after {after:.0f}; server log tracebacks: {tracebacks}")
+    print(f"Reference in the same run, a bare grpc.aio server that parses and refuses the same "
+          f"large bodies (MiB): before {floor[0]:.0f}, peak {floor[1]:.0f} "
+          f"({floor[1] - floor[0]:+.0f}), after {floor[2]:.0f}\n")
     targets = [
         ("no crash (server alive through every phase, exit 0)", survived),
         (f"zero INTERNAL/UNKNOWN answers (got {bad})", bad == 0),
         (f"RSS after within 50 MiB of before ({after - before:+.0f})", after - before <= 50),
         (f"peak within 2x the largest message above baseline ({peak - before:+.0f} <= "
-         f"{2 * limit_mib:.0f})", peak - before <= 2 * limit_mib),
+         f"{2 * limit_mib:.0f}; grpcio alone: {floor[1] - floor[0]:+.0f})",
+         peak - before <= 2 * limit_mib),
         (f"batch items exactly once: {batch_verdict}", batch_verdict.startswith("PASS")),
     ]
     for text, ok in targets:
