@@ -53,6 +53,7 @@ class OrtRuntime:
     def __init__(self, session: ort.InferenceSession, config: VersionConfig) -> None:
         self._session: ort.InferenceSession | None = session
         self._outputs = [t.name for t in config.outputs]
+        self._strings = frozenset(t.name for t in config.inputs if t.datatype == "BYTES")
         self.providers: tuple[str, ...] = tuple(session.get_providers())
 
     def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
@@ -60,12 +61,28 @@ class OrtRuntime:
         session = self._session
         if session is None:
             raise RuntimeError("the session was closed")
-        results = session.run(self._outputs, dict(inputs))
+        feeds = dict(inputs)
+        for name in self._strings & feeds.keys():
+            feeds[name] = _as_text(feeds[name])
+        results = session.run(self._outputs, feeds)
         return dict(zip(self._outputs, results, strict=True))
 
     def close(self) -> None:
         """Drop the session (ORT frees it once no running batch holds it)."""
         self._session = None
+
+
+def _as_text(array: Array) -> Array:
+    """A BYTES tensor (object array of bytes) as ONNX Runtime's string tensors want it.
+
+    ORT turns each element into a string with ``str()``, which would make ``b"cat"`` the text
+    ``"b'cat'"``; elements are decoded as UTF-8 (invalid bytes replaced) instead.
+    """
+    flat = [x.decode("utf-8", "replace") if isinstance(x, bytes | bytearray) else x
+            for x in array.reshape(-1)]
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(array.shape)
 
 
 def select_providers(device: Device, where: str) -> list[str]:
