@@ -80,6 +80,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cnnserve.cli", "serve", "--repository", str(repo),
              "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
+             "--http-port", "0",
              "--port-file", str(self.port_file), "--control-mode", "poll",
              "--poll-interval", "0.5", "--max-message-bytes", str(LIMIT),
              "--grace-period", "5"],

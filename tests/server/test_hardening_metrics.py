@@ -145,7 +145,7 @@ def test_real_prometheus_scrapes_https_metrics_with_a_token(certs: Path, model_r
     port_file = tmp_path / "ports.json"
     server = subprocess.Popen(
         [sys.executable, "-m", "cnnserve.cli", "serve", "--repository", str(model_repo),
-         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
          "--port-file", str(port_file), "--metrics-tls-cert", str(certs / "server.crt"),
          "--metrics-tls-key", str(certs / "server.key")],
         env={**os.environ, "CNNSERVE_METRICS_TOKEN": TOKEN},

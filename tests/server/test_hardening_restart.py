@@ -34,7 +34,7 @@ from tests.support.wire import call_error, eventually, infer_request, inflight, 
 def _serve(repo: Path, port: int, port_file: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "cnnserve.cli", "serve", "--repository", str(repo),
-         "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
+         "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0", "--http-port", "0",
          "--port-file", str(port_file), "--reuse-port", "--grace-period", "10"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

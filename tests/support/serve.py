@@ -36,6 +36,7 @@ class ServeProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cnnserve.cli", "serve", "--repository", str(self.repo),
                  "--host", "127.0.0.1", "--grpc-port", str(self.port), "--metrics-port", "0",
+                 "--http-port", "0",
                  "--port-file", str(port_file), "--log-level", "WARNING", *self.extra],
                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s

@@ -123,6 +123,14 @@ def _train(args: argparse.Namespace) -> int:
     par.start(rank)
     try:
         return _train_rank(flags, run, rank)
+    except RuntimeError as exc:
+        # A peer rank that dies mid-step breaks the collective this rank is in (gloo:
+        # "Connection closed by peer"); the launcher then reports which rank failed. Say so
+        # in one line instead of a traceback of the all-reduce.
+        if not rank.active or not par.is_peer_failure(exc):
+            raise
+        raise CnnserveError(f"rank {rank.rank}: lost contact with the other ranks ({exc}); "
+                            "stopping") from None
     finally:
         par.stop(rank)
 

@@ -45,7 +45,7 @@ async def create_http_server(servicer: InferenceServicer, settings: Settings, ho
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, ssl_context=_tls(settings),
-                           reuse_port=False)
+                           reuse_port=settings.reuse_port or None)
         await site.start()
     except OSError as exc:
         await runner.cleanup()

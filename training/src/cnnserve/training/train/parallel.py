@@ -166,3 +166,13 @@ def wrap(model: nn.Module, parallel: Parallel) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(convert_batch_norm(model))
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank went away."""
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(exc).lower()
+    return (isinstance(exc, backend_error) or "connection closed" in text
+            or "connection reset" in text or "broken pipe" in text or "gloo" in text)
