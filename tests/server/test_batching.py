@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from cnnserve.server.batching.batcher import Batcher, BatchPolicy
+from cnnserve.server.batching.dispatch import CostEstimate, DispatchPolicy
 from cnnserve.server.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -36,6 +37,7 @@ class FakeRunner:
     def __init__(self) -> None:
         self.batches: list[int] = []
         self.inputs: list[Mapping[str, Array]] = []
+        self.threads: list[int] = []  # the thread each run ran on
         self.started = threading.Event()
         self._gate = threading.Event()
         self._gate.set()
@@ -52,6 +54,7 @@ class FakeRunner:
         x = inputs["x"]
         self.batches.append(len(x))
         self.inputs.append(inputs)
+        self.threads.append(threading.get_ident())
         self.started.set()
         assert self._gate.wait(10), "test never released the runner"
         if self.fail_on is not None and (x == self.fail_on).any():
@@ -82,12 +85,14 @@ class Harness:
         self.batchers: list[Batcher] = []
 
     def make(self, max_batch_size: int = 64, delay_us: int = 0, preferred: tuple[int, ...] = (),
-             max_queue_size: int = 1024, max_running: int = 1) -> Batcher:
+             max_queue_size: int = 1024, max_running: int = 1,
+             dispatch: DispatchPolicy | None = None,
+             cost: CostEstimate | None = None) -> Batcher:
         batcher = Batcher(self.runner, BatchPolicy(max_batch_size, delay_us, preferred,
                                                    max_queue_size),
                           self.executor, ("y", "z"), where="model 'm' version 1",
                           stats=self.stats, metrics=self.metrics.for_version("m", 1),
-                          max_running=max_running)
+                          max_running=max_running, dispatch=dispatch, cost=cost)
         batcher.start()
         self.batchers.append(batcher)
         return batcher
@@ -331,9 +336,19 @@ async def runs_started(runner: FakeRunner, count: int) -> None:
     raise AssertionError(f"expected {count} runs, saw {runner.batches}")
 
 
-async def test_a_second_worker_takes_only_full_batches(harness: Harness,
-                                                       runner: FakeRunner) -> None:
-    batcher = harness.make(max_batch_size=4, max_running=2)
+def measured(per_row_us: float) -> CostEstimate:
+    """A cost estimate that has seen batches taking ``per_row_us`` per row."""
+    cost = CostEstimate()
+    for rows in (1, 2, 4):
+        cost.observe(rows, int(per_row_us * 1e3 * rows))
+    return cost
+
+
+async def test_beside_a_running_batch_a_cheap_model_starts_only_full_batches(
+        harness: Harness, runner: FakeRunner) -> None:
+    # Never inline (the held first batch must block a worker, not the test's loop).
+    batcher = harness.make(max_batch_size=4, max_running=2, cost=measured(1.0),
+                           dispatch=DispatchPolicy(inline_max_us=0))
     first = await hold_first(batcher, runner)
     small = [asyncio.ensure_future(batcher.submit(rows(float(i)))) for i in range(3)]
     await asyncio.sleep(0.05)

@@ -212,7 +212,8 @@ async def test_version_policy_batching_defaults_and_overrides(
     for v in (1, 2, 3):
         write_test_model(model_repo, "m", v, policy=policy)
     write_test_model(model_repo, "q", 1, kind="double")  # no model.json: server defaults
-    engine = await make_engine(max_queue_size=1)
+    # One worker: the second request must queue (with a free worker it could run beside).
+    engine = await make_engine(max_queue_size=1, execution_workers=1)
     assert [e.version for e in engine.index() if e.name == "m"] == ["2", "3"]
     assert engine.get("m").version == 3 and engine.get("m", "2").version == 2
     assert engine.get("m").config.max_batch_size == 4

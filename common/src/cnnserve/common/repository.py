@@ -197,6 +197,9 @@ class ModelPolicy:
     #: Most ONNX Runtime runs of one version at once (Triton's instance count); None means
     #: the server's --execution-workers. 1 serialises the model's batches.
     instance_count: int | None = None
+    #: ONNX Runtime intra-op threads per run of this model; None means the server's
+    #: --intra-op-threads (or its default from the cores); 0 means ONNX Runtime's default.
+    intra_op_threads: int | None = None
 
     def __post_init__(self) -> None:
         vp = self.version_policy
@@ -214,6 +217,10 @@ class ModelPolicy:
                 isinstance(self.instance_count, bool) or self.instance_count < 1):
             raise ConfigError(f"instance_count {self.instance_count!r} must be a positive "
                               "integer (or absent: the server's --execution-workers)")
+        if self.intra_op_threads is not None and (
+                isinstance(self.intra_op_threads, bool) or self.intra_op_threads < 0):
+            raise ConfigError(f"intra_op_threads {self.intra_op_threads!r} must be an integer "
+                              ">= 0 (or absent: the server's --intra-op-threads)")
         db = self.dynamic_batching
         if db.max_queue_delay_microseconds < 0 or db.max_queue_size < 1:
             raise ConfigError("dynamic_batching: max_queue_delay_microseconds must be >= 0 and "
@@ -242,6 +249,8 @@ class ModelPolicy:
                 device=data.get("device"),
                 instance_count=(None if data.get("instance_count") is None
                                 else int(data["instance_count"])),
+                intra_op_threads=(None if data.get("intra_op_threads") is None
+                                  else int(data["intra_op_threads"])),
             )
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc

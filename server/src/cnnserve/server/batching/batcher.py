@@ -2,27 +2,34 @@
 
 One :class:`Batcher` per loaded version holds a bounded FIFO of requests and one collector
 task. The collector forms a batch of whole requests, at most ``max_batch_size`` rows, and
-sends it when (a) it is full, (b) its rows hit a preferred batch size, or (c) the oldest
+offers it when (a) it is full, (b) its rows hit a preferred batch size, or (c) the oldest
 request has waited ``max_queue_delay_us`` (0: never wait, send what is queued).
 
-Up to ``max_running`` batches of one version run at once on the execution thread pool
-(Triton's instance count): the first whenever requests wait, each further one only for a
-full (or preferred-size) batch. Requests arriving while a batch runs therefore queue behind
-it and form the next batch, which is what makes batching adaptive under load even with a
-delay of 0, while a queue holding full batches (large requests, overload) keeps every
-worker busy.
+Where an offered batch runs is :func:`~cnnserve.server.batching.dispatch.decide`'s call:
+inline on the loop (idle, uncontended and cheap), on a worker of the execution pool, alone
+and uncopied beside running batches (a request that is a batch by itself), or not yet
+(beside a running batch, when merging it into the next batch is cheaper than a parallel
+run). Up to ``max_running`` batches of one version run at once (Triton's instance count).
+Requests arriving while a batch runs queue behind it and form the next batch, which is what
+makes batching adaptive under load even with a delay of 0.
 
-Per batch there is exactly one thread hop (:func:`run_merged`, which concatenates, runs and
-splits in the worker, handed over by :func:`~cnnserve.server.batching.handoff.call_in_thread`), and
+A hand-off is one thread hop (:func:`run_merged`, which concatenates, runs and splits in
+the worker, handed over by :func:`~cnnserve.server.batching.handoff.call_in_thread`), and
 its outcome comes back as one plain callback on the loop. Per request the loop does as
 little as it can: no timer (one timer covers the earliest deadline in the queue), no
-wake-up of the collector while a batch runs, and no metric update while queued (the
-queue-depth gauge reads the queue's length when scraped).
+wake-up of the collector while a batch runs unless it could send something, and no metric
+update while queued (the queue-depth gauge reads the queue's length when scraped).
+
+After an inline run the batcher *probes* for a few loop rounds: requests that arrived
+while the loop was busy running the model then queue and batch (the collector gathers
+them) instead of each running inline alone; a lone caller (concurrency 1) finds the probe
+over by the time its next request arrives and runs inline again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -30,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 
 from cnnserve.common.datatypes import Array
+from cnnserve.server.batching.dispatch import CostEstimate, Dispatch, DispatchPolicy, decide
 from cnnserve.server.batching.handoff import call_in_thread
 from cnnserve.server.batching.queue import BatchPolicy, QueuedRequest, RequestQueue, Result
 from cnnserve.server.batching.rows import Runner, run_merged
@@ -51,6 +59,8 @@ log = logging.getLogger(__name__)
 #: and stops after this many rounds in a row that brought no request (see _gather).
 GATHER_ROUNDS = 32
 GATHER_PATIENCE = 4
+#: After an inline run, arrivals during this many loop rounds queue and batch (the probe).
+PROBE_ROUNDS = 4
 
 __all__ = ["BatchPolicy", "Batcher"]
 
@@ -60,10 +70,18 @@ class Batcher:
 
     def __init__(self, runner: Runner, policy: BatchPolicy, executor: Executor,
                  output_names: Sequence[str], *, where: str, stats: StatsRecorder,
-                 metrics: VersionMetrics, max_running: int = 1) -> None:
+                 metrics: VersionMetrics, max_running: int = 1,
+                 dispatch: DispatchPolicy | None = None,
+                 cost: CostEstimate | None = None) -> None:
         self._runner = runner
         self._max_running = max(1, max_running)
         self._policy = policy
+        # decide()'s limits; the instance count and batch sizes always come from here.
+        self._dispatch_policy = dataclasses.replace(
+            dispatch or DispatchPolicy(), max_running=self._max_running,
+            max_batch_size=policy.max_batch_size,
+            preferred=frozenset(policy.preferred_batch_sizes))
+        self._cost = cost or CostEstimate()
         self._executor = executor
         self._outputs = tuple(output_names)
         self._where = where  # "model 'm' version 1", for messages
@@ -84,6 +102,11 @@ class Batcher:
     def max_running(self) -> int:
         """How many batches of this version may run at once (its instance count)."""
         return self._max_running
+
+    @property
+    def cost(self) -> CostEstimate:
+        """This version's measured run time per row (what dispatch decisions use)."""
+        return self._cost
 
     @property
     def queued(self) -> int:
@@ -140,20 +163,33 @@ class Batcher:
         if deadline is not None and deadline <= request.arrival:
             self._stats.record_failure(0)
             raise DeadlineExceeded(f"{self._where}: the deadline had passed on arrival")
-        if not (self._queue or self._running or policy.max_queue_delay_us
-                or self._gather_next or self._draining):
-            # Idle, and no reason to wait: the collector would send this request alone at
-            # once. Sending it from here saves waking the collector, a loop round of latency.
-            self._dispatch([request])
-            return request
-        self._queue.append(request)
         running = len(self._running)
+        if not self._queue and not self._draining and not self._gather_next:
+            if not (running or policy.max_queue_delay_us):
+                # Idle, and no reason to wait: the collector would offer this request alone
+                # at once. Deciding here saves waking it, a loop round of latency.
+                self._dispatch([request], decide(rows, 1, 0, False, self._cost.cost_us(rows),
+                                                 self._dispatch_policy))
+                return request
+            if running and decide(rows, 1, running, True, self._cost.cost_us(rows),
+                                  self._dispatch_policy) is Dispatch.PASS_THROUGH:
+                self._dispatch([request], Dispatch.PASS_THROUGH)
+                return request
+        self._queue.append(request)
         # While batches run the collector sleeps: it is woken only when it could send
-        # something now (a worker is free and, beside a running batch, a batch is full).
-        if not running or (running < self._max_running and (
-                self._queue.rows >= policy.max_batch_size or policy.preferred_batch_sizes)):
+        # something now (a worker is free and, beside a running batch, a batch is full or
+        # worth a parallel run).
+        if not running or (running < self._max_running and self._worth_parallel()):
             self._wake()
         return request
+
+    def _worth_parallel(self) -> bool:
+        """Whether the queue holds a batch that may start beside a running one."""
+        queued = self._queue.rows
+        policy = self._dispatch_policy
+        return (queued >= policy.max_batch_size or bool(policy.preferred)
+                or self._cost.cost_us(min(queued, policy.max_batch_size))
+                >= policy.split_min_us)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -174,8 +210,8 @@ class Batcher:
 
     async def _collect_forever(self) -> None:
         try:
-            while (batch := await self._next_batch()) is not None:
-                self._dispatch(batch)
+            while (offer := await self._next_batch()) is not None:
+                self._dispatch(*offer)
         except Exception:  # a bug here must not leave callers waiting forever
             log.exception("%s: the batcher stopped", self._where)
             self._fail_queued(lambda: InferenceFailed(f"{self._where}: internal batcher error"))
@@ -183,7 +219,7 @@ class Batcher:
         finally:  # drained, aborted or failed: nothing can be queued any more
             self._metrics.untrack_queue(self._queue)
 
-    async def _next_batch(self) -> list[QueuedRequest] | None:
+    async def _next_batch(self) -> tuple[list[QueuedRequest], Dispatch] | None:
         while True:
             if not self._queue:
                 if self._draining:
@@ -191,18 +227,25 @@ class Batcher:
                     return None
                 await self._sleep(None)
                 continue
-            if len(self._running) >= self._max_running:
+            running = len(self._running)
+            if running >= self._max_running:
                 await self._sleep(None)  # woken when a batch finishes
                 continue
-            busy = bool(self._running)
-            if self._gather_next and not busy:
+            if self._gather_next and not running:
                 self._gather_next = False
                 await self._gather()
                 continue  # look again: a deadline or abort() may have emptied the queue
-            plan = self._queue.plan(time.monotonic(), busy=busy)
+            plan = self._queue.plan(time.monotonic(),
+                                    busy=bool(running) and not self._worth_parallel())
             if isinstance(plan, int):
+                rows = self._queue.rows_of(plan)
+                choice = decide(rows, plan, running, plan < len(self._queue) or plan > 1,
+                                self._cost.cost_us(rows), self._dispatch_policy)
+                if choice is Dispatch.WAIT:
+                    await self._sleep(None)  # woken when a batch finishes
+                    continue
                 self._gather_next = plan > 1
-                return self._queue.take(plan)
+                return self._queue.take(plan), choice
             await self._sleep(plan)
 
     async def _gather(self) -> None:
@@ -226,8 +269,8 @@ class Batcher:
             if idle >= GATHER_PATIENCE:
                 return
 
-    def _dispatch(self, batch: list[QueuedRequest]) -> None:
-        """Send the live requests of ``batch`` to a worker; :meth:`_finish` gets the outcome."""
+    def _dispatch(self, batch: list[QueuedRequest], choice: Dispatch) -> None:
+        """Run the live requests of ``batch`` inline or on a worker, as ``choice`` says."""
         now, now_ns = time.monotonic(), time.monotonic_ns()
         live = []
         for request in batch:
@@ -242,12 +285,21 @@ class Batcher:
             live.append(request)
         if not live:
             return
+        args = (self._runner, [r.inputs for r in live], [r.rows for r in live],
+                [r.outputs for r in live])
+        if choice is Dispatch.INLINE:
+            try:
+                outcome: tuple[list[Result], BatchTimings] | None = run_merged(*args)
+                error: BaseException | None = None
+            except Exception as exc:  # reported to the batch's callers, like a worker's
+                outcome, error = None, exc
+            self._complete(live, outcome, error)
+            self._probe_after_inline()
+            return
         batch_id = self._batch_ids = self._batch_ids + 1
         self._running[batch_id] = live
         try:
-            call_in_thread(self._executor, run_merged,
-                           (self._runner, [r.inputs for r in live], [r.rows for r in live],
-                            [r.outputs for r in live]),
+            call_in_thread(self._executor, run_merged, args,
                            functools.partial(self._finish, batch_id))
         except RuntimeError:  # the executor was shut down: the server is stopping
             del self._running[batch_id]
@@ -255,13 +307,31 @@ class Batcher:
                 _fail(request, ServerShuttingDown(
                     f"{self._where}: the server stopped before the batch ran"))
 
+    def _probe_after_inline(self) -> None:
+        """For PROBE_ROUNDS loop rounds, let arrivals queue (and batch) rather than run
+        inline one by one: they may have piled up while the loop ran the model."""
+        self._gather_next = True
+        asyncio.get_running_loop().call_soon(self._probe, PROBE_ROUNDS)
+
+    def _probe(self, rounds: int) -> None:
+        if self._queue or not self._gather_next:
+            return  # company came: the collector gathers it
+        if rounds > 1:
+            asyncio.get_running_loop().call_soon(self._probe, rounds - 1)
+        else:
+            self._gather_next = False  # nobody came: the next lone request may run inline
+
     def _finish(self, batch_id: int, outcome: tuple[list[Result], BatchTimings] | None,
                 error: BaseException | None) -> None:
         """A batch came back from its worker (on the loop): answer its requests."""
         live = self._running.pop(batch_id, None)
         self._wake()  # a worker is free
-        if live is None:  # aborted meanwhile: its requests have failed already
-            return
+        if live is not None:  # else aborted meanwhile: its requests have failed already
+            self._complete(live, outcome, error)
+
+    def _complete(self, live: list[QueuedRequest],
+                  outcome: tuple[list[Result], BatchTimings] | None,
+                  error: BaseException | None) -> None:
         if outcome is None:
             log.error("%s: a batch of %d requests failed", self._where, len(live),
                       exc_info=error)
@@ -270,6 +340,7 @@ class Batcher:
             return
         results, timings = outcome
         rows = sum(r.rows for r in live)
+        self._cost.observe(rows, timings.infer_ns)
         self._stats.record_execution(rows, len(live), timings)
         self._metrics.execution(rows, timings.infer_ns / 1e9)
         for request, result in zip(live, results, strict=True):

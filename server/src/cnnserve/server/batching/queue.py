@@ -86,6 +86,12 @@ class RequestQueue:
             if not self._items:
                 self._cancel_sweep()
 
+    def rows_of(self, count: int) -> int:
+        """Rows of the ``count`` oldest requests (what :meth:`take` would return)."""
+        if count >= len(self._items):
+            return self.rows
+        return sum(self._items[i].rows for i in range(count))
+
     def take(self, count: int) -> list[QueuedRequest]:
         """Remove and return the ``count`` oldest requests."""
         batch = [self._items.popleft() for _ in range(count)]

@@ -29,6 +29,7 @@ from cnnserve.common.repository import (
     VersionConfig,
 )
 from cnnserve.server.batching.batcher import Batcher, BatchPolicy
+from cnnserve.server.batching.threads import ThreadSplit, detect_cores, resolve_split
 from cnnserve.server.engine.repository import IndexEntry, Repository
 from cnnserve.server.engine.scan import read_policy
 from cnnserve.server.errors import ModelLoadError, ServerShuttingDown, ServingError, Unsupported
@@ -53,13 +54,18 @@ class EngineOptions:
     poll_interval_s: float = 5.0
     #: Default execution provider; model.json ``device`` overrides it per model.
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    intra_op_threads: int = 1  # 0 = ONNX Runtime's default (one per core); see Settings
+    #: ONNX Runtime threads per batch; None: from the cores (batching/threads.py), 0: ORT's
+    #: default (one per core). model.json ``intra_op_threads`` overrides it per model.
+    intra_op_threads: int | None = None
     inter_op_threads: int = 0
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     warmup: bool = True
     #: Threads running ONNX Runtime batches, shared by all models; also how many batches of
-    #: one version may run at once unless its model.json sets instance_count.
-    execution_workers: int = 2
+    #: one version may run at once unless its model.json sets instance_count. None: from the
+    #: cores, so that workers x intra-op threads fits them (batching/threads.py).
+    execution_workers: int | None = None
+    #: Usable cores the defaults are sized for; None: detected (affinity, cgroup quota).
+    cores: int | None = None
     #: Server-wide batching defaults for models whose model.json does not set them.
     max_queue_delay_us: int | None = None
     max_queue_size: int | None = None
@@ -130,7 +136,11 @@ class Engine:
     def __init__(self, options: EngineOptions, metrics: Metrics) -> None:
         self._options = options
         self._metrics = metrics
-        self._executor = ThreadPoolExecutor(options.execution_workers,
+        cores = options.cores or detect_cores()
+        self._split = resolve_split(cores, options.execution_workers, options.intra_op_threads)
+        log.info("%d usable cores: %d execution workers x %d intra-op threads", cores,
+                 self._split.workers, self._split.intra_op_threads)
+        self._executor = ThreadPoolExecutor(self._split.workers,
                                             thread_name_prefix="cnnserve-ort")
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="cnnserve-load")
         self._gate = _Gate()
@@ -192,7 +202,9 @@ class Engine:
             raise ModelLoadError(f"{where}: {exc}") from exc
         config = _effective_config(config, name, policy)
         opts = self._options
-        runtime_options = RuntimeOptions(policy.device or opts.device, opts.intra_op_threads,
+        threads = (self._split.intra_op_threads if policy.intra_op_threads is None
+                   else policy.intra_op_threads)
+        runtime_options = RuntimeOptions(policy.device or opts.device, threads,
                                          opts.inter_op_threads, opts.graph_optimization,
                                          opts.warmup)
         runtime = await loop.run_in_executor(self._loader, open_runtime, folder / MODEL_FILE,
@@ -207,7 +219,7 @@ class Engine:
             self._executor, [t.name for t in config.outputs], where=where,
             stats=(stats := StatsRecorder(name, version)),
             metrics=self._metrics.for_version(name, version),
-            max_running=policy.instance_count or opts.execution_workers)
+            max_running=policy.instance_count or self._split.workers)
         batcher.start()
         seconds = time.monotonic() - started
         self._metrics.model_loaded(name, version, seconds, runtime.providers)
@@ -231,6 +243,11 @@ class Engine:
                 await asyncio.gather(*(closing[task].abort() for task in late))
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def thread_split(self) -> ThreadSplit:
+        """Execution workers and default intra-op threads per batch, as resolved at start."""
+        return self._split
 
     def begin_drain(self) -> None:
         """From now on new infer() calls raise ServerShuttingDown."""
