@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from cnnserve.server.batching.batcher import Batcher, BatchPolicy
-from cnnserve.server.batching.dispatch import CostEstimate, DispatchPolicy
+from cnnserve.server.batching.dispatch import CostEstimate, Dispatch, DispatchPolicy
 from cnnserve.server.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -407,3 +407,77 @@ async def test_after_a_shared_batch_the_collector_gathers_requests_still_on_thei
     late = await asyncio.gather(arriving(7.0, 0), arriving(8.0, 2))
     assert runner.batches == [1, 3, 2]
     assert [r["y"].tolist() for r in late] == [[[14.0, 14.0]], [[16.0, 16.0]]]
+
+
+async def test_an_idle_cheap_request_runs_inline_on_the_event_loop(
+        harness: Harness, runner: FakeRunner) -> None:
+    batcher = harness.make(cost=measured(1.0))
+    result = await batcher.submit(rows(1.0, 2.0))
+    assert result["y"].tolist() == [[2.0, 2.0], [4.0, 4.0]]
+    assert runner.threads == [threading.get_ident()]
+    assert batcher.dispatched[Dispatch.INLINE] == 1
+
+
+async def test_a_run_of_unknown_or_high_cost_goes_to_a_worker(harness: Harness,
+                                                            runner: FakeRunner) -> None:
+    unknown = harness.make()  # nothing measured yet
+    costly = harness.make(cost=measured(10_000.0))  # 10 ms per row
+    for batcher, value in ((unknown, 1.0), (costly, 2.0)):
+        assert (await batcher.submit(rows(value)))["z"].tolist() == [[value + 1] * 2]
+        assert batcher.dispatched[Dispatch.HANDOFF] == 1
+    assert threading.get_ident() not in runner.threads
+
+
+async def test_requests_arriving_right_after_an_inline_run_batch_on_a_worker(
+        harness: Harness, runner: FakeRunner) -> None:
+    batcher = harness.make(cost=measured(1.0))
+    await batcher.submit(rows(0.0))  # inline; then the batcher probes for company
+    results = await asyncio.gather(*(batcher.submit(rows(float(i), -float(i)))
+                                     for i in range(1, 4)))
+    assert runner.batches == [1, 6]  # the three merged, not three inline runs
+    assert runner.threads[1] != threading.get_ident()
+    for i, result in enumerate(results, start=1):
+        assert result["y"].tolist() == [[2.0 * i] * 2, [-2.0 * i] * 2]
+    await asyncio.sleep(0.01)  # the probe is over: a lone caller runs inline again
+    assert (await batcher.submit(rows(9.0)))["y"].tolist() == [[18.0, 18.0]]
+    assert runner.threads[-1] == threading.get_ident()
+
+
+async def test_a_large_request_passes_through_beside_a_running_batch_without_a_copy(
+        harness: Harness, runner: FakeRunner) -> None:
+    batcher = harness.make(max_running=2, cost=measured(100.0),
+                           dispatch=DispatchPolicy(inline_max_us=0))
+    first = await hold_first(batcher, runner)
+    request = rows(*[float(v) for v in range(16)])  # 16 rows: 1.6 ms of work
+    big = asyncio.ensure_future(batcher.submit(request))
+    await runs_started(runner, 2)
+    assert runner.inputs[1]["x"] is request["x"]  # alone, not concatenated
+    assert batcher.queued == 0 and batcher.dispatched[Dispatch.PASS_THROUGH] == 1
+    runner.release()
+    assert (await big)["y"][:, 0].tolist() == [2.0 * v for v in range(16)]
+    assert (await first)["y"].tolist() == [[-2.0, -2.0]]
+
+
+async def test_waiting_work_of_a_costly_model_starts_beside_the_running_batch(
+        harness: Harness, runner: FakeRunner) -> None:
+    # The withdrawn rule ("a further batch only when full") left a core idle here.
+    batcher = harness.make(max_batch_size=8, max_running=2, cost=measured(10_000.0))
+    first = await hold_first(batcher, runner)
+    waiting = [asyncio.ensure_future(batcher.submit(rows(float(i)))) for i in range(3)]
+    await runs_started(runner, 2)
+    assert runner.batches == [1, 1] and batcher.queued == 2  # started without being full
+    runner.release()
+    results = await asyncio.gather(first, *waiting)
+    assert runner.batches == [1, 1, 2]
+    assert [r["y"][0, 0] for r in results] == [-2.0, 0.0, 2.0, 4.0]
+
+
+async def test_an_inline_run_that_fails_fails_only_its_request(harness: Harness,
+                                                               runner: FakeRunner) -> None:
+    batcher = harness.make(cost=measured(1.0))
+    runner.fail_on = 666.0
+    with pytest.raises(InferenceFailed, match="bad value in batch"):
+        await batcher.submit(rows(666.0))
+    await asyncio.sleep(0.01)  # past the probe
+    assert (await batcher.submit(rows(3.0)))["y"].tolist() == [[6.0, 6.0]]
+    assert runner.threads == [threading.get_ident()] * 2

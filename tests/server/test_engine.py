@@ -332,3 +332,30 @@ def test_instance_count_must_be_positive(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text('{"instance_count": 0}')
     with pytest.raises(ConfigError, match="instance_count 0 must be a positive integer"):
         ModelPolicy.load(tmp_path / "model.json")
+
+
+async def test_every_dispatch_mode_returns_each_caller_its_own_rows(
+        model_repo: Path, make_engine: MakeEngine) -> None:
+    write_test_model(model_repo, "m", 1)
+    write_test_model(model_repo, "slow", 1, kind="slow", slow_iterations=100_000,
+                     policy=ModelPolicy(instance_count=2))
+    engine = await make_engine(execution_workers=2)
+    cheap, slow = engine.get("m"), engine.get("slow")
+    for seed in (1, 2):  # unknown cost: a worker; then measured cheap: inline
+        x = images(2, seed=seed)
+        out = await cheap.infer({"input": x})
+        np.testing.assert_allclose(out["output"], linear_expected(x), **ORT_TOLERANCE)
+    assert cheap.dispatched == {"inline": 1, "handoff": 1, "pass_through": 0}
+    xs = [images(1, seed=10 + i) for i in range(16)]  # company: merged on a worker
+    for x, out in zip(xs, await asyncio.gather(*(cheap.infer({"input": x}) for x in xs)),
+                      strict=True):
+        np.testing.assert_allclose(out["output"], linear_expected(x), **ORT_TOLERANCE)
+    assert cheap.dispatched["handoff"] >= 2
+
+    await slow.infer({"x": np.zeros((1, 4), np.float32)})  # measures a costly run
+    xs = [np.full((3, 4), v, np.float32) + np.arange(3, dtype=np.float32)[:, None]
+          for v in (10.0, 20.0)]
+    outs = await asyncio.gather(*(slow.infer({"x": x}) for x in xs))
+    for x, out in zip(xs, outs, strict=True):  # the second ran beside the first, alone
+        np.testing.assert_array_equal(out["y"], x)
+    assert slow.dispatched == {"inline": 0, "handoff": 2, "pass_through": 1}

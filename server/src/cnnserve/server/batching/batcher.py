@@ -40,7 +40,7 @@ from cnnserve.common.datatypes import Array
 from cnnserve.server.batching.dispatch import CostEstimate, Dispatch, DispatchPolicy, decide
 from cnnserve.server.batching.handoff import call_in_thread
 from cnnserve.server.batching.queue import BatchPolicy, QueuedRequest, RequestQueue, Result
-from cnnserve.server.batching.rows import Runner, run_merged
+from cnnserve.server.batching.rows import Merged, Runner, run_merged
 from cnnserve.server.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -51,7 +51,7 @@ from cnnserve.server.errors import (
     ServingError,
 )
 from cnnserve.server.telemetry.metrics import VersionMetrics
-from cnnserve.server.telemetry.statistics import BatchTimings, StatsRecorder
+from cnnserve.server.telemetry.statistics import StatsRecorder
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class Batcher:
             max_batch_size=policy.max_batch_size,
             preferred=frozenset(policy.preferred_batch_sizes))
         self._cost = cost or CostEstimate()
+        self._dispatched = dict.fromkeys(Dispatch, 0)  # batches sent, by how
         self._executor = executor
         self._outputs = tuple(output_names)
         self._where = where  # "model 'm' version 1", for messages
@@ -107,6 +108,11 @@ class Batcher:
     def cost(self) -> CostEstimate:
         """This version's measured run time per row (what dispatch decisions use)."""
         return self._cost
+
+    @property
+    def dispatched(self) -> dict[Dispatch, int]:
+        """Batches run so far by how they were dispatched (WAIT stays 0)."""
+        return dict(self._dispatched)
 
     @property
     def queued(self) -> int:
@@ -285,11 +291,12 @@ class Batcher:
             live.append(request)
         if not live:
             return
+        self._dispatched[choice] += 1
         args = (self._runner, [r.inputs for r in live], [r.rows for r in live],
                 [r.outputs for r in live])
         if choice is Dispatch.INLINE:
             try:
-                outcome: tuple[list[Result], BatchTimings] | None = run_merged(*args)
+                outcome: Merged | None = run_merged(*args)
                 error: BaseException | None = None
             except Exception as exc:  # reported to the batch's callers, like a worker's
                 outcome, error = None, exc
@@ -321,7 +328,7 @@ class Batcher:
         else:
             self._gather_next = False  # nobody came: the next lone request may run inline
 
-    def _finish(self, batch_id: int, outcome: tuple[list[Result], BatchTimings] | None,
+    def _finish(self, batch_id: int, outcome: Merged | None,
                 error: BaseException | None) -> None:
         """A batch came back from its worker (on the loop): answer its requests."""
         live = self._running.pop(batch_id, None)
@@ -329,8 +336,7 @@ class Batcher:
         if live is not None:  # else aborted meanwhile: its requests have failed already
             self._complete(live, outcome, error)
 
-    def _complete(self, live: list[QueuedRequest],
-                  outcome: tuple[list[Result], BatchTimings] | None,
+    def _complete(self, live: list[QueuedRequest], outcome: Merged | None,
                   error: BaseException | None) -> None:
         if outcome is None:
             log.error("%s: a batch of %d requests failed", self._where, len(live),
@@ -338,9 +344,9 @@ class Batcher:
             for request in live:
                 _fail(request, InferenceFailed(f"{self._where}: inference failed: {error}"))
             return
-        results, timings = outcome
+        results, timings, run_cpu_ns = outcome
         rows = sum(r.rows for r in live)
-        self._cost.observe(rows, timings.infer_ns)
+        self._cost.observe(rows, run_cpu_ns)
         self._stats.record_execution(rows, len(live), timings)
         self._metrics.execution(rows, timings.infer_ns / 1e9)
         for request, result in zip(live, results, strict=True):

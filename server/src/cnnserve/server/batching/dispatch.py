@@ -34,10 +34,10 @@ from dataclasses import dataclass
 
 #: Run inline when the estimated run takes at most this long, microseconds. A hand-off costs
 #: ~20-50 us of latency; above a few hundred us overlapping the loop with the run pays more.
-INLINE_MAX_US = 250.0
+INLINE_MAX_US = 500.0
 #: Beside a running batch, start another when its estimated run takes at least this long,
 #: microseconds (~8x the fixed cost of one more run).
-SPLIT_MIN_US = 250.0
+SPLIT_MIN_US = 1000.0
 #: Weight of the newest batch in the run-time fit (exponentially weighted).
 EWMA_WEIGHT = 0.1
 

@@ -109,6 +109,11 @@ class LoadedModel:
             raise ServerShuttingDown("the server is shutting down and takes no new requests")
         return await self._batcher.submit(inputs, outputs, deadline)
 
+    @property
+    def dispatched(self) -> dict[str, int]:
+        """Batches run so far by where they ran: inline, handoff, pass_through."""
+        return {d.value: n for d, n in self._batcher.dispatched.items() if d.value != "wait"}
+
     def statistics(self) -> VersionStats:
         """Cumulative statistics since this version was loaded."""
         return self._stats.snapshot()
