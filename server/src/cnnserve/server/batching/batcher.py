@@ -13,9 +13,9 @@ run). Up to ``max_running`` batches of one version run at once (Triton's instanc
 Requests arriving while a batch runs queue behind it and form the next batch, which is what
 makes batching adaptive under load even with a delay of 0.
 
-A hand-off is one thread hop (:func:`run_merged`, which concatenates, runs and splits in
-the worker, handed over by :func:`~cnnserve.server.batching.handoff.call_in_thread`), and
-its outcome comes back as one plain callback on the loop. Per request the loop does as
+Running a batch is :class:`~cnnserve.server.batching.execution.Execution`'s: a hand-off is
+one thread hop (merge, run and split all happen in the worker) whose outcome comes back as
+one plain callback on the loop. Per request the loop does as
 little as it can: no timer (one timer covers the earliest deadline in the queue), no
 wake-up of the collector while a batch runs unless it could send something, and no metric
 update while queued (the queue-depth gauge reads the queue's length when scraped).
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,9 +37,9 @@ from concurrent.futures import Executor
 
 from cnnserve.common.datatypes import Array
 from cnnserve.server.batching.dispatch import CostEstimate, Dispatch, DispatchPolicy, decide
-from cnnserve.server.batching.handoff import call_in_thread
+from cnnserve.server.batching.execution import Execution
 from cnnserve.server.batching.queue import BatchPolicy, QueuedRequest, RequestQueue, Result
-from cnnserve.server.batching.rows import Merged, Runner, run_merged
+from cnnserve.server.batching.rows import Runner
 from cnnserve.server.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -73,7 +72,6 @@ class Batcher:
                  metrics: VersionMetrics, max_running: int = 1,
                  dispatch: DispatchPolicy | None = None,
                  cost: CostEstimate | None = None) -> None:
-        self._runner = runner
         self._max_running = max(1, max_running)
         self._policy = policy
         # decide()'s limits; the instance count and batch sizes always come from here.
@@ -81,18 +79,13 @@ class Batcher:
             dispatch or DispatchPolicy(), max_running=self._max_running,
             max_batch_size=policy.max_batch_size,
             preferred=frozenset(policy.preferred_batch_sizes))
-        self._cost = cost or CostEstimate()
-        self._dispatched = dict.fromkeys(Dispatch, 0)  # batches sent, by how
-        self._executor = executor
+        self._execution = Execution(runner, executor, cost or CostEstimate(), where=where,
+                                    stats=stats, metrics=metrics, on_free=self._wake)
         self._outputs = tuple(output_names)
         self._where = where  # "model 'm' version 1", for messages
         self._stats = stats
         self._metrics = metrics
         self._queue = RequestQueue(policy, where)
-        # Running batches by id (their live requests): abort() fails them; len() is how many
-        # workers this version occupies.
-        self._running: dict[int, list[QueuedRequest]] = {}
-        self._batch_ids = 0
         self._gather_next = False  # the last batch had company: gather before the next
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -105,14 +98,9 @@ class Batcher:
         return self._max_running
 
     @property
-    def cost(self) -> CostEstimate:
-        """This version's measured run time per row (what dispatch decisions use)."""
-        return self._cost
-
-    @property
     def dispatched(self) -> dict[Dispatch, int]:
         """Batches run so far by how they were dispatched (WAIT stays 0)."""
-        return dict(self._dispatched)
+        return dict(self._execution.dispatched)
 
     @property
     def queued(self) -> int:
@@ -169,15 +157,16 @@ class Batcher:
         if deadline is not None and deadline <= request.arrival:
             self._stats.record_failure(0)
             raise DeadlineExceeded(f"{self._where}: the deadline had passed on arrival")
-        running = len(self._running)
+        running = len(self._execution)
         if not self._queue and not self._draining and not self._gather_next:
+            cost = self._execution.cost.cost_us(rows)
             if not (running or policy.max_queue_delay_us):
                 # Idle, and no reason to wait: the collector would offer this request alone
                 # at once. Deciding here saves waking it, a loop round of latency.
-                self._dispatch([request], decide(rows, 1, 0, False, self._cost.cost_us(rows),
+                self._dispatch([request], decide(rows, 1, 0, False, cost,
                                                  self._dispatch_policy))
                 return request
-            if running and decide(rows, 1, running, True, self._cost.cost_us(rows),
+            if running and decide(rows, 1, running, True, cost,
                                   self._dispatch_policy) is Dispatch.PASS_THROUGH:
                 self._dispatch([request], Dispatch.PASS_THROUGH)
                 return request
@@ -194,7 +183,7 @@ class Batcher:
         queued = self._queue.rows
         policy = self._dispatch_policy
         return (queued >= policy.max_batch_size or bool(policy.preferred)
-                or self._cost.cost_us(min(queued, policy.max_batch_size))
+                or self._execution.cost.cost_us(min(queued, policy.max_batch_size))
                 >= policy.split_min_us)
 
     def _wake(self) -> None:
@@ -233,7 +222,7 @@ class Batcher:
                     return None
                 await self._sleep(None)
                 continue
-            running = len(self._running)
+            running = len(self._execution)
             if running >= self._max_running:
                 await self._sleep(None)  # woken when a batch finishes
                 continue
@@ -246,7 +235,7 @@ class Batcher:
             if isinstance(plan, int):
                 rows = self._queue.rows_of(plan)
                 choice = decide(rows, plan, running, plan < len(self._queue) or plan > 1,
-                                self._cost.cost_us(rows), self._dispatch_policy)
+                                self._execution.cost.cost_us(rows), self._dispatch_policy)
                 if choice is Dispatch.WAIT:
                     await self._sleep(None)  # woken when a batch finishes
                     continue
@@ -276,43 +265,8 @@ class Batcher:
                 return
 
     def _dispatch(self, batch: list[QueuedRequest], choice: Dispatch) -> None:
-        """Run the live requests of ``batch`` inline or on a worker, as ``choice`` says."""
-        now, now_ns = time.monotonic(), time.monotonic_ns()
-        live = []
-        for request in batch:
-            if request.deadline is not None and request.deadline <= now:
-                _fail(request, DeadlineExceeded(f"{self._where}: the deadline passed in the "
-                                                "queue; the request was dropped before compute"))
-            if request.future.done():  # expired just now, or the caller went away
-                continue
-            queued_ns = now_ns - request.arrival_ns
-            self._stats.record_queue(queued_ns)
-            self._metrics.queue_duration.observe(queued_ns / 1e9)
-            live.append(request)
-        if not live:
-            return
-        self._dispatched[choice] += 1
-        args = (self._runner, [r.inputs for r in live], [r.rows for r in live],
-                [r.outputs for r in live])
-        if choice is Dispatch.INLINE:
-            try:
-                outcome: Merged | None = run_merged(*args)
-                error: BaseException | None = None
-            except Exception as exc:  # reported to the batch's callers, like a worker's
-                outcome, error = None, exc
-            self._complete(live, outcome, error)
+        if self._execution.start(batch, choice):
             self._probe_after_inline()
-            return
-        batch_id = self._batch_ids = self._batch_ids + 1
-        self._running[batch_id] = live
-        try:
-            call_in_thread(self._executor, run_merged, args,
-                           functools.partial(self._finish, batch_id))
-        except RuntimeError:  # the executor was shut down: the server is stopping
-            del self._running[batch_id]
-            for request in live:
-                _fail(request, ServerShuttingDown(
-                    f"{self._where}: the server stopped before the batch ran"))
 
     def _probe_after_inline(self) -> None:
         """For PROBE_ROUNDS loop rounds, let arrivals queue (and batch) rather than run
@@ -328,31 +282,6 @@ class Batcher:
         else:
             self._gather_next = False  # nobody came: the next lone request may run inline
 
-    def _finish(self, batch_id: int, outcome: Merged | None,
-                error: BaseException | None) -> None:
-        """A batch came back from its worker (on the loop): answer its requests."""
-        live = self._running.pop(batch_id, None)
-        self._wake()  # a worker is free
-        if live is not None:  # else aborted meanwhile: its requests have failed already
-            self._complete(live, outcome, error)
-
-    def _complete(self, live: list[QueuedRequest], outcome: Merged | None,
-                  error: BaseException | None) -> None:
-        if outcome is None:
-            log.error("%s: a batch of %d requests failed", self._where, len(live),
-                      exc_info=error)
-            for request in live:
-                _fail(request, InferenceFailed(f"{self._where}: inference failed: {error}"))
-            return
-        results, timings, run_cpu_ns = outcome
-        rows = sum(r.rows for r in live)
-        self._cost.observe(rows, run_cpu_ns)
-        self._stats.record_execution(rows, len(live), timings)
-        self._metrics.execution(rows, timings.infer_ns / 1e9)
-        for request, result in zip(live, results, strict=True):
-            if not request.future.done():
-                request.future.set_result(result)
-
     async def drain(self) -> None:
         """Finish every queued and running request, then close (later submits: ModelNotReady).
 
@@ -363,7 +292,7 @@ class Batcher:
         self._wake()
         if self._task is not None:
             await asyncio.wait({self._task})  # not cancelled with us; survives abort()
-        while self._running:  # _finish (or abort) wakes us as batches end
+        while self._execution:  # a batch ending (or abort) wakes us
             await self._sleep(None)
         self._closed = True
 
@@ -372,11 +301,7 @@ class Batcher:
         self._closed = True
         self._fail_queued(lambda: ServerShuttingDown(
             f"{self._where}: the server stopped before the request was computed"))
-        running, self._running = self._running, {}
-        for live in running.values():
-            for request in live:
-                _fail(request, ServerShuttingDown(
-                    f"{self._where}: the server stopped before the batch finished"))
+        self._execution.fail_running()
         self._wake()  # a drain() waiting for running batches
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -384,12 +309,7 @@ class Batcher:
 
     def _fail_queued(self, error: Callable[[], ServingError]) -> None:
         for request in self._queue.take(len(self._queue)):
-            _fail(request, error())
-
-
-def _fail(request: QueuedRequest, error: BaseException) -> None:
-    if not request.future.done():
-        request.future.set_exception(error)
+            request.fail(error())
 
 
 def _release(waiter: asyncio.Future[None]) -> None:

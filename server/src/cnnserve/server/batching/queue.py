@@ -50,6 +50,11 @@ class QueuedRequest:
         self.arrival = self.arrival_ns / 1e9  # the same clock as time.monotonic()
         self.queued = False  # in a RequestQueue (not yet taken, expired or cancelled)
 
+    def fail(self, error: BaseException) -> None:
+        """Answer the caller with ``error`` unless it was answered (or left) already."""
+        if not self.future.done():
+            self.future.set_exception(error)
+
 
 class RequestQueue:
     """The waiting requests of one version; ``where`` names the version in messages."""
@@ -150,11 +155,10 @@ class RequestQueue:
         expired = [r for r in self._items if r.deadline is not None and r.deadline <= now]
         for request in expired:
             self.forget(request)
-            if not request.future.done():
-                waited_ms = (now - request.arrival) * 1e3
-                request.future.set_exception(DeadlineExceeded(
-                    f"{self._where}: the deadline passed after {waited_ms:.1f} ms in the "
-                    "queue; the request was dropped before compute"))
+            waited_ms = (now - request.arrival) * 1e3
+            request.fail(DeadlineExceeded(
+                f"{self._where}: the deadline passed after {waited_ms:.1f} ms in the queue; "
+                "the request was dropped before compute"))
         upcoming = [r.deadline for r in self._items if r.deadline is not None]
         if upcoming:
             self._arm_sweep(min(upcoming))
