@@ -16,6 +16,7 @@ import pytest
 
 from cnnserve.common.errors import CnnserveError
 from cnnserve.common.repository import ConfigError, DynamicBatching, ModelPolicy
+from cnnserve.server.batching.threads import ThreadSplit
 from cnnserve.server.engine import core as engine_module
 from cnnserve.server.engine.core import Engine, EngineOptions, IndexEntry
 from cnnserve.server.errors import (
@@ -332,6 +333,23 @@ def test_instance_count_must_be_positive(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text('{"instance_count": 0}')
     with pytest.raises(ConfigError, match="instance_count 0 must be a positive integer"):
         ModelPolicy.load(tmp_path / "model.json")
+    (tmp_path / "model.json").write_text('{"intra_op_threads": -1}')
+    with pytest.raises(ConfigError, match="intra_op_threads -1 must be an integer >= 0"):
+        ModelPolicy.load(tmp_path / "model.json")
+
+
+async def test_threads_default_from_the_cores_and_model_json_overrides_them(
+        model_repo: Path, make_engine: MakeEngine) -> None:
+    write_test_model(model_repo, "plain", 1)
+    write_test_model(model_repo, "tuned", 1,
+                     policy=ModelPolicy(instance_count=1, intra_op_threads=3))
+    engine = await make_engine(cores=16)
+    assert engine.thread_split == ThreadSplit(workers=4, intra_op_threads=4)
+    plain, tuned = engine.get("plain"), engine.get("tuned")
+    assert (plain.instance_count, plain.intra_op_threads) == (4, 4)
+    assert (tuned.instance_count, tuned.intra_op_threads) == (1, 3)
+    flagged = await make_engine(cores=16, execution_workers=8)
+    assert flagged.thread_split == ThreadSplit(workers=8, intra_op_threads=2)
 
 
 async def test_every_dispatch_mode_returns_each_caller_its_own_rows(

@@ -91,6 +91,7 @@ class LoadedModel:
         self.policy = policy
         self.providers = runtime.providers
         self.instance_count = batcher.max_running  # batches that may run at once
+        self.intra_op_threads = runtime.intra_op_threads  # ONNX Runtime threads per run
         self._runtime = runtime
         self._batcher = batcher
         self._stats = stats
