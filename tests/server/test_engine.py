@@ -359,11 +359,11 @@ async def test_every_dispatch_mode_returns_each_caller_its_own_rows(
                      policy=ModelPolicy(instance_count=2))
     engine = await make_engine(execution_workers=2)
     cheap, slow = engine.get("m"), engine.get("slow")
-    for seed in (1, 2):  # unknown cost: a worker; then measured cheap: inline
+    for seed in (1, 2, 3, 4):  # unknown cost: a worker; then measured cheap: inline
         x = images(2, seed=seed)
         out = await cheap.infer({"input": x})
         np.testing.assert_allclose(out["output"], linear_expected(x), **ORT_TOLERANCE)
-    assert cheap.dispatched == {"inline": 1, "handoff": 1, "pass_through": 0}
+    assert cheap.dispatched["handoff"] == 1 and cheap.dispatched["inline"] >= 1
     xs = [images(1, seed=10 + i) for i in range(16)]  # company: merged on a worker
     for x, out in zip(xs, await asyncio.gather(*(cheap.infer({"input": x}) for x in xs)),
                       strict=True):
