@@ -7,20 +7,26 @@ run time (:class:`CostEstimate`, measured per model version). It returns a :clas
 
 - ``INLINE``: run now on the event loop. Only when nothing of the version runs, no other
   caller waits or was seen recently (``contended``), and the estimated run time is at most
-  ``inline_max_us``: then a thread hop (two context switches, ~20-50 us of latency on a
-  2-core host) would cost more than the run, and nothing can overlap with it anyway. A
+  ``inline_max_us``: then nothing could overlap with the run anyway, and a thread hop costs
+  more than it saves (on the shared 2-core host, a lone LeNet-size request through the
+  batcher cost 45 us of CPU over a bare ``session.run`` inline, 190-230 us handed off). A
   request that arrives meanwhile waits at most about ``inline_max_us``.
 - ``HANDOFF``: send the batch to a worker thread (ONNX Runtime releases the GIL, so the
   loop keeps decoding and encoding other requests in parallel). Always when nothing runs
   and the batch is not cheap or not alone; beside running batches (a free worker being
   required), only when the batch is full or worth running in parallel: its estimated run
-  time is at least ``split_min_us``, so the extra run's fixed cost (~30 us: a hand-off and
-  ONNX Runtime's per-run overhead) is small beside what the parallel core saves.
+  time is at least ``split_min_us``, ~5-10x what one more run costs (the hand-off above
+  plus merging and splitting), so the parallel core is bought for a small share of CPU.
 - ``PASS_THROUGH``: a single request that is a batch by itself (at least the smallest
   preferred batch size, or at least ``split_min_us`` of work) goes alone to a free worker
   at once: no waiting to merge, no concatenation (no copy of its rows).
 - ``WAIT``: leave it queued; a running batch finishes soon and the next batch merges what
-  waited, which costs less CPU per row than more, smaller runs.
+  waited, which costs less CPU per request than more, smaller runs.
+
+Costs are the CPU time of the thread that ran the model (``time.thread_time_ns``), so a
+host busy with other work does not make a model look expensive. With one intra-op thread
+(the default on small hosts) that is the run's whole cost; with more it is about its wall
+time.
 
 The earlier rule "a further batch starts only when full" made a compute-heavy model use
 one core at concurrency 8 (batches never fill); the cost test above replaces it.
@@ -32,11 +38,11 @@ import enum
 import math
 from dataclasses import dataclass
 
-#: Run inline when the estimated run takes at most this long, microseconds. A hand-off costs
-#: ~20-50 us of latency; above a few hundred us overlapping the loop with the run pays more.
+#: Run inline when the estimated run takes at most this long, microseconds: also the most
+#: a request arriving meanwhile waits for the loop. A LeNet-size row costs 30-70 us.
 INLINE_MAX_US = 500.0
 #: Beside a running batch, start another when its estimated run takes at least this long,
-#: microseconds (~8x the fixed cost of one more run).
+#: microseconds (~5-10x the CPU one more run costs in hand-off, merge and split).
 SPLIT_MIN_US = 1000.0
 #: Weight of the newest batch in the run-time fit (exponentially weighted).
 EWMA_WEIGHT = 0.1

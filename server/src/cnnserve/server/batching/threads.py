@@ -4,8 +4,9 @@ The rule: intra-op threads x concurrent batches never exceeds the usable cores. 
 default split gives each batch ``t`` threads, the largest power of two not above the square
 root of the cores, and runs ``cores // t`` batches at once: 1 core 1x1, 2 cores 2x1, 4
 cores 2x2, 8 cores 4x2, 16 cores 4x4. One thread per batch costs the least CPU per image
-(LeNet on 2 cores: 11 us per image at batch 16 with 1 thread, 18 with 2: a second thread
-mostly waits), so small hosts run more batches rather than wider ones; on larger hosts
+(the fashion-cnn model on the shared 2-core host: 72 us of CPU per image at batch 16 and 77
+at batch 64 with 1 thread, 78 and 93 with 2; a smaller LeNet: 11 against 18 us), so small
+hosts run more batches rather than wider ones; on larger hosts
 wider batches keep a lone compute-heavy request's latency down while enough batches run
 side by side to keep every core busy under load. On 2 cores, 2 workers x 1 thread also
 serves compute-heavy models well: the batcher starts a second batch beside a running one
