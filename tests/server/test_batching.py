@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from cnnserve.server.batching.batcher import Batcher, BatchPolicy
+from cnnserve.server.batching.dispatch import CostEstimate, Dispatch, DispatchPolicy
 from cnnserve.server.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -36,6 +37,7 @@ class FakeRunner:
     def __init__(self) -> None:
         self.batches: list[int] = []
         self.inputs: list[Mapping[str, Array]] = []
+        self.threads: list[int] = []  # the thread each run ran on
         self.started = threading.Event()
         self._gate = threading.Event()
         self._gate.set()
@@ -52,6 +54,7 @@ class FakeRunner:
         x = inputs["x"]
         self.batches.append(len(x))
         self.inputs.append(inputs)
+        self.threads.append(threading.get_ident())
         self.started.set()
         assert self._gate.wait(10), "test never released the runner"
         if self.fail_on is not None and (x == self.fail_on).any():
@@ -82,12 +85,14 @@ class Harness:
         self.batchers: list[Batcher] = []
 
     def make(self, max_batch_size: int = 64, delay_us: int = 0, preferred: tuple[int, ...] = (),
-             max_queue_size: int = 1024, max_running: int = 1) -> Batcher:
+             max_queue_size: int = 1024, max_running: int = 1,
+             dispatch: DispatchPolicy | None = None,
+             cost: CostEstimate | None = None) -> Batcher:
         batcher = Batcher(self.runner, BatchPolicy(max_batch_size, delay_us, preferred,
                                                    max_queue_size),
                           self.executor, ("y", "z"), where="model 'm' version 1",
                           stats=self.stats, metrics=self.metrics.for_version("m", 1),
-                          max_running=max_running)
+                          max_running=max_running, dispatch=dispatch, cost=cost)
         batcher.start()
         self.batchers.append(batcher)
         return batcher
@@ -331,9 +336,19 @@ async def runs_started(runner: FakeRunner, count: int) -> None:
     raise AssertionError(f"expected {count} runs, saw {runner.batches}")
 
 
-async def test_a_second_worker_takes_only_full_batches(harness: Harness,
-                                                       runner: FakeRunner) -> None:
-    batcher = harness.make(max_batch_size=4, max_running=2)
+def measured(per_row_us: float) -> CostEstimate:
+    """A cost estimate that has seen batches taking ``per_row_us`` per row."""
+    cost = CostEstimate()
+    for rows in (1, 2, 4):
+        cost.observe(rows, int(per_row_us * 1e3 * rows))
+    return cost
+
+
+async def test_beside_a_running_batch_a_cheap_model_starts_only_full_batches(
+        harness: Harness, runner: FakeRunner) -> None:
+    # Never inline (the held first batch must block a worker, not the test's loop).
+    batcher = harness.make(max_batch_size=4, max_running=2, cost=measured(1.0),
+                           dispatch=DispatchPolicy(inline_max_us=0))
     first = await hold_first(batcher, runner)
     small = [asyncio.ensure_future(batcher.submit(rows(float(i)))) for i in range(3)]
     await asyncio.sleep(0.05)
@@ -392,3 +407,77 @@ async def test_after_a_shared_batch_the_collector_gathers_requests_still_on_thei
     late = await asyncio.gather(arriving(7.0, 0), arriving(8.0, 2))
     assert runner.batches == [1, 3, 2]
     assert [r["y"].tolist() for r in late] == [[[14.0, 14.0]], [[16.0, 16.0]]]
+
+
+async def test_an_idle_cheap_request_runs_inline_on_the_event_loop(
+        harness: Harness, runner: FakeRunner) -> None:
+    batcher = harness.make(cost=measured(1.0))
+    result = await batcher.submit(rows(1.0, 2.0))
+    assert result["y"].tolist() == [[2.0, 2.0], [4.0, 4.0]]
+    assert runner.threads == [threading.get_ident()]
+    assert batcher.dispatched[Dispatch.INLINE] == 1
+
+
+async def test_a_run_of_unknown_or_high_cost_goes_to_a_worker(harness: Harness,
+                                                            runner: FakeRunner) -> None:
+    unknown = harness.make()  # nothing measured yet
+    costly = harness.make(cost=measured(10_000.0))  # 10 ms per row
+    for batcher, value in ((unknown, 1.0), (costly, 2.0)):
+        assert (await batcher.submit(rows(value)))["z"].tolist() == [[value + 1] * 2]
+        assert batcher.dispatched[Dispatch.HANDOFF] == 1
+    assert threading.get_ident() not in runner.threads
+
+
+async def test_requests_arriving_right_after_an_inline_run_batch_on_a_worker(
+        harness: Harness, runner: FakeRunner) -> None:
+    batcher = harness.make(cost=measured(1.0))
+    await batcher.submit(rows(0.0))  # inline; then the batcher probes for company
+    results = await asyncio.gather(*(batcher.submit(rows(float(i), -float(i)))
+                                     for i in range(1, 4)))
+    assert runner.batches == [1, 6]  # the three merged, not three inline runs
+    assert runner.threads[1] != threading.get_ident()
+    for i, result in enumerate(results, start=1):
+        assert result["y"].tolist() == [[2.0 * i] * 2, [-2.0 * i] * 2]
+    await asyncio.sleep(0.01)  # the probe is over: a lone caller runs inline again
+    assert (await batcher.submit(rows(9.0)))["y"].tolist() == [[18.0, 18.0]]
+    assert runner.threads[-1] == threading.get_ident()
+
+
+async def test_a_large_request_passes_through_beside_a_running_batch_without_a_copy(
+        harness: Harness, runner: FakeRunner) -> None:
+    batcher = harness.make(max_running=2, cost=measured(100.0),
+                           dispatch=DispatchPolicy(inline_max_us=0))
+    first = await hold_first(batcher, runner)
+    request = rows(*[float(v) for v in range(16)])  # 16 rows: 1.6 ms of work
+    big = asyncio.ensure_future(batcher.submit(request))
+    await runs_started(runner, 2)
+    assert runner.inputs[1]["x"] is request["x"]  # alone, not concatenated
+    assert batcher.queued == 0 and batcher.dispatched[Dispatch.PASS_THROUGH] == 1
+    runner.release()
+    assert (await big)["y"][:, 0].tolist() == [2.0 * v for v in range(16)]
+    assert (await first)["y"].tolist() == [[-2.0, -2.0]]
+
+
+async def test_waiting_work_of_a_costly_model_starts_beside_the_running_batch(
+        harness: Harness, runner: FakeRunner) -> None:
+    # The withdrawn rule ("a further batch only when full") left a core idle here.
+    batcher = harness.make(max_batch_size=8, max_running=2, cost=measured(10_000.0))
+    first = await hold_first(batcher, runner)
+    waiting = [asyncio.ensure_future(batcher.submit(rows(float(i)))) for i in range(3)]
+    await runs_started(runner, 2)
+    assert runner.batches == [1, 1] and batcher.queued == 2  # started without being full
+    runner.release()
+    results = await asyncio.gather(first, *waiting)
+    assert runner.batches == [1, 1, 2]
+    assert [r["y"][0, 0] for r in results] == [-2.0, 0.0, 2.0, 4.0]
+
+
+async def test_an_inline_run_that_fails_fails_only_its_request(harness: Harness,
+                                                               runner: FakeRunner) -> None:
+    batcher = harness.make(cost=measured(1.0))
+    runner.fail_on = 666.0
+    with pytest.raises(InferenceFailed, match="bad value in batch"):
+        await batcher.submit(rows(666.0))
+    await asyncio.sleep(0.01)  # past the probe
+    assert (await batcher.submit(rows(3.0)))["y"].tolist() == [[6.0, 6.0]]
+    assert runner.threads == [threading.get_ident()] * 2

@@ -16,6 +16,7 @@ import pytest
 
 from cnnserve.common.errors import CnnserveError
 from cnnserve.common.repository import ConfigError, DynamicBatching, ModelPolicy
+from cnnserve.server.batching.threads import ThreadSplit
 from cnnserve.server.engine import core as engine_module
 from cnnserve.server.engine.core import Engine, EngineOptions, IndexEntry
 from cnnserve.server.errors import (
@@ -212,7 +213,8 @@ async def test_version_policy_batching_defaults_and_overrides(
     for v in (1, 2, 3):
         write_test_model(model_repo, "m", v, policy=policy)
     write_test_model(model_repo, "q", 1, kind="double")  # no model.json: server defaults
-    engine = await make_engine(max_queue_size=1)
+    # One worker: the second request must queue (with a free worker it could run beside).
+    engine = await make_engine(max_queue_size=1, execution_workers=1)
     assert [e.version for e in engine.index() if e.name == "m"] == ["2", "3"]
     assert engine.get("m").version == 3 and engine.get("m", "2").version == 2
     assert engine.get("m").config.max_batch_size == 4
@@ -331,3 +333,47 @@ def test_instance_count_must_be_positive(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text('{"instance_count": 0}')
     with pytest.raises(ConfigError, match="instance_count 0 must be a positive integer"):
         ModelPolicy.load(tmp_path / "model.json")
+    (tmp_path / "model.json").write_text('{"intra_op_threads": -1}')
+    with pytest.raises(ConfigError, match="intra_op_threads -1 must be an integer >= 0"):
+        ModelPolicy.load(tmp_path / "model.json")
+
+
+async def test_threads_default_from_the_cores_and_model_json_overrides_them(
+        model_repo: Path, make_engine: MakeEngine) -> None:
+    write_test_model(model_repo, "plain", 1)
+    write_test_model(model_repo, "tuned", 1,
+                     policy=ModelPolicy(instance_count=1, intra_op_threads=3))
+    engine = await make_engine(cores=16)
+    assert engine.thread_split == ThreadSplit(workers=4, intra_op_threads=4)
+    plain, tuned = engine.get("plain"), engine.get("tuned")
+    assert (plain.instance_count, plain.intra_op_threads) == (4, 4)
+    assert (tuned.instance_count, tuned.intra_op_threads) == (1, 3)
+    flagged = await make_engine(cores=16, execution_workers=8)
+    assert flagged.thread_split == ThreadSplit(workers=8, intra_op_threads=2)
+
+
+async def test_every_dispatch_mode_returns_each_caller_its_own_rows(
+        model_repo: Path, make_engine: MakeEngine) -> None:
+    write_test_model(model_repo, "m", 1)
+    write_test_model(model_repo, "slow", 1, kind="slow", slow_iterations=100_000,
+                     policy=ModelPolicy(instance_count=2))
+    engine = await make_engine(execution_workers=2)
+    cheap, slow = engine.get("m"), engine.get("slow")
+    for seed in (1, 2, 3, 4):  # unknown cost: a worker; then measured cheap: inline
+        x = images(2, seed=seed)
+        out = await cheap.infer({"input": x})
+        np.testing.assert_allclose(out["output"], linear_expected(x), **ORT_TOLERANCE)
+    assert cheap.dispatched["handoff"] == 1 and cheap.dispatched["inline"] >= 1
+    xs = [images(1, seed=10 + i) for i in range(16)]  # company: merged on a worker
+    for x, out in zip(xs, await asyncio.gather(*(cheap.infer({"input": x}) for x in xs)),
+                      strict=True):
+        np.testing.assert_allclose(out["output"], linear_expected(x), **ORT_TOLERANCE)
+    assert cheap.dispatched["handoff"] >= 2
+
+    await slow.infer({"x": np.zeros((1, 4), np.float32)})  # measures a costly run
+    xs = [np.full((3, 4), v, np.float32) + np.arange(3, dtype=np.float32)[:, None]
+          for v in (10.0, 20.0)]
+    outs = await asyncio.gather(*(slow.infer({"x": x}) for x in xs))
+    for x, out in zip(xs, outs, strict=True):  # the second ran beside the first, alone
+        np.testing.assert_array_equal(out["y"], x)
+    assert slow.dispatched == {"inline": 0, "handoff": 2, "pass_through": 1}

@@ -36,6 +36,14 @@ def test_a_flag_wins_over_its_variable_which_wins_over_the_default() -> None:
     assert Settings.build({"models": ["x"]}, env).models == ("x",)
 
 
+def test_thread_settings_default_to_the_cores_and_can_be_set() -> None:
+    assert (Settings().intra_op_threads, Settings().execution_workers) == (None, None)
+    settings = Settings.build({"execution_workers": 3},
+                              {"CNNSERVE_INTRA_OP_THREADS": "2",
+                               "CNNSERVE_EXECUTION_WORKERS": "8"})
+    assert (settings.intra_op_threads, settings.execution_workers) == (2, 3)
+
+
 @pytest.mark.parametrize(("env", "message"), [
     ({"CNNSERVE_GRPC_PORT": "eighty"}, "CNNSERVE_GRPC_PORT='eighty'"),
     ({"CNNSERVE_DEVICE": "tpu"}, "must be one of cpu, cuda, auto"),
@@ -44,6 +52,8 @@ def test_a_flag_wins_over_its_variable_which_wins_over_the_default() -> None:
     ({"CNNSERVE_TLS_CERT": "/c.pem"}, "--tls-cert and --tls-key go together"),
     ({"CNNSERVE_TLS_CA": "/ca.pem"}, "--tls-ca (mutual TLS) needs --tls-cert"),
     ({"CNNSERVE_WARMUP": "maybe"}, "CNNSERVE_WARMUP='maybe'"),
+    ({"CNNSERVE_EXECUTION_WORKERS": "0"}, "--execution-workers must be positive"),
+    ({"CNNSERVE_INTRA_OP_THREADS": "-1"}, "--intra-op-threads must be >= 0"),
 ])
 def test_bad_values_are_refused_naming_the_setting(env: dict[str, str], message: str) -> None:
     with pytest.raises(CnnserveError) as info:

@@ -203,6 +203,9 @@ class ModelPolicy:
     #: Also accept the image input as BYTES holding PNG/JPEG files, decoded by the server
     #: (needs Pillow: the ``images`` extra).
     encoded_images: bool = False
+    #: ONNX Runtime intra-op threads per run of this model; None means the server's
+    #: --intra-op-threads (or its default from the cores); 0 means ONNX Runtime's default.
+    intra_op_threads: int | None = None
 
     def __post_init__(self) -> None:
         vp = self.version_policy
@@ -222,6 +225,10 @@ class ModelPolicy:
                               "integer (or absent: the server's --execution-workers)")
         if not isinstance(self.encoded_images, bool):
             raise ConfigError(f"encoded_images {self.encoded_images!r} must be true or false")
+        if self.intra_op_threads is not None and (
+                isinstance(self.intra_op_threads, bool) or self.intra_op_threads < 0):
+            raise ConfigError(f"intra_op_threads {self.intra_op_threads!r} must be an integer "
+                              ">= 0 (or absent: the server's --intra-op-threads)")
         db = self.dynamic_batching
         if db.max_queue_delay_microseconds < 0 or db.max_queue_size < 1:
             raise ConfigError("dynamic_batching: max_queue_delay_microseconds must be >= 0 and "
@@ -251,6 +258,8 @@ class ModelPolicy:
                 instance_count=(None if data.get("instance_count") is None
                                 else int(data["instance_count"])),
                 encoded_images=data.get("encoded_images", False),
+                intra_op_threads=(None if data.get("intra_op_threads") is None
+                                  else int(data["intra_op_threads"])),
             )
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc

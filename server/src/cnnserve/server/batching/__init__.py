@@ -1,1 +1,1 @@
-"""The dynamic batcher: queue, batch plan, execution hand-off, merge and split of rows."""
+"""The dynamic batcher: queue, batch plan, where each batch runs, thread split, rows."""

@@ -2,37 +2,44 @@
 
 One :class:`Batcher` per loaded version holds a bounded FIFO of requests and one collector
 task. The collector forms a batch of whole requests, at most ``max_batch_size`` rows, and
-sends it when (a) it is full, (b) its rows hit a preferred batch size, or (c) the oldest
+offers it when (a) it is full, (b) its rows hit a preferred batch size, or (c) the oldest
 request has waited ``max_queue_delay_us`` (0: never wait, send what is queued).
 
-Up to ``max_running`` batches of one version run at once on the execution thread pool
-(Triton's instance count): the first whenever requests wait, each further one only for a
-full (or preferred-size) batch. Requests arriving while a batch runs therefore queue behind
-it and form the next batch, which is what makes batching adaptive under load even with a
-delay of 0, while a queue holding full batches (large requests, overload) keeps every
-worker busy.
+Where an offered batch runs is :func:`~cnnserve.server.batching.dispatch.decide`'s call:
+inline on the loop (idle, uncontended and cheap), on a worker of the execution pool, alone
+and uncopied beside running batches (a request that is a batch by itself), or not yet
+(beside a running batch, when merging it into the next batch is cheaper than a parallel
+run). Up to ``max_running`` batches of one version run at once (Triton's instance count).
+Requests arriving while a batch runs queue behind it and form the next batch, which is what
+makes batching adaptive under load even with a delay of 0.
 
-Per batch there is exactly one thread hop (:func:`run_merged`, which concatenates, runs and
-splits in the worker, handed over by :func:`~cnnserve.server.batching.handoff.call_in_thread`), and
-its outcome comes back as one plain callback on the loop. Per request the loop does as
+Running a batch is :class:`~cnnserve.server.batching.execution.Execution`'s: a hand-off is
+one thread hop (merge, run and split all happen in the worker) whose outcome comes back as
+one plain callback on the loop. Per request the loop does as
 little as it can: no timer (one timer covers the earliest deadline in the queue), no
-wake-up of the collector while a batch runs, and no metric update while queued (the
-queue-depth gauge reads the queue's length when scraped).
+wake-up of the collector while a batch runs unless it could send something, and no metric
+update while queued (the queue-depth gauge reads the queue's length when scraped).
+
+After an inline run the batcher *probes* for a few loop rounds: requests that arrived
+while the loop was busy running the model then queue and batch (the collector gathers
+them) instead of each running inline alone; a lone caller (concurrency 1) finds the probe
+over by the time its next request arrives and runs inline again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 
 from cnnserve.common.datatypes import Array
-from cnnserve.server.batching.handoff import call_in_thread
+from cnnserve.server.batching.dispatch import CostEstimate, Dispatch, DispatchPolicy, decide
+from cnnserve.server.batching.execution import Execution
 from cnnserve.server.batching.queue import BatchPolicy, QueuedRequest, RequestQueue, Result
-from cnnserve.server.batching.rows import Runner, run_merged
+from cnnserve.server.batching.rows import Runner
 from cnnserve.server.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -44,7 +51,7 @@ from cnnserve.server.errors import (
 )
 from cnnserve.server.telemetry import tracing
 from cnnserve.server.telemetry.metrics import VersionMetrics
-from cnnserve.server.telemetry.statistics import BatchTimings, StatsRecorder
+from cnnserve.server.telemetry.statistics import StatsRecorder
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,8 @@ log = logging.getLogger(__name__)
 #: and stops after this many rounds in a row that brought no request (see _gather).
 GATHER_ROUNDS = 32
 GATHER_PATIENCE = 4
+#: After an inline run, arrivals during this many loop rounds queue and batch (the probe).
+PROBE_ROUNDS = 4
 
 __all__ = ["BatchPolicy", "Batcher"]
 
@@ -61,20 +70,23 @@ class Batcher:
 
     def __init__(self, runner: Runner, policy: BatchPolicy, executor: Executor,
                  output_names: Sequence[str], *, where: str, stats: StatsRecorder,
-                 metrics: VersionMetrics, max_running: int = 1) -> None:
-        self._runner = runner
+                 metrics: VersionMetrics, max_running: int = 1,
+                 dispatch: DispatchPolicy | None = None,
+                 cost: CostEstimate | None = None) -> None:
         self._max_running = max(1, max_running)
         self._policy = policy
-        self._executor = executor
+        # decide()'s limits; the instance count and batch sizes always come from here.
+        self._dispatch_policy = dataclasses.replace(
+            dispatch or DispatchPolicy(), max_running=self._max_running,
+            max_batch_size=policy.max_batch_size,
+            preferred=frozenset(policy.preferred_batch_sizes))
+        self._execution = Execution(runner, executor, cost or CostEstimate(), where=where,
+                                    stats=stats, metrics=metrics, on_free=self._wake)
         self._outputs = tuple(output_names)
         self._where = where  # "model 'm' version 1", for messages
         self._stats = stats
         self._metrics = metrics
         self._queue = RequestQueue(policy, where)
-        # Running batches by id (their live requests): abort() fails them; len() is how many
-        # workers this version occupies.
-        self._running: dict[int, list[QueuedRequest]] = {}
-        self._batch_ids = 0
         self._gather_next = False  # the last batch had company: gather before the next
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -85,6 +97,11 @@ class Batcher:
     def max_running(self) -> int:
         """How many batches of this version may run at once (its instance count)."""
         return self._max_running
+
+    @property
+    def dispatched(self) -> dict[Dispatch, int]:
+        """Batches run so far by how they were dispatched (WAIT stays 0)."""
+        return dict(self._execution.dispatched)
 
     @property
     def queued(self) -> int:
@@ -143,20 +160,34 @@ class Batcher:
         if deadline is not None and deadline <= request.arrival:
             self._stats.record_failure(0)
             raise DeadlineExceeded(f"{self._where}: the deadline had passed on arrival")
-        if not (self._queue or self._running or policy.max_queue_delay_us
-                or self._gather_next or self._draining):
-            # Idle, and no reason to wait: the collector would send this request alone at
-            # once. Sending it from here saves waking the collector, a loop round of latency.
-            self._dispatch([request])
-            return request
+        running = len(self._execution)
+        if not self._queue and not self._draining and not self._gather_next:
+            cost = self._execution.cost.cost_us(rows)
+            if not (running or policy.max_queue_delay_us):
+                # Idle, and no reason to wait: the collector would offer this request alone
+                # at once. Deciding here saves waking it, a loop round of latency.
+                self._dispatch([request], decide(rows, 1, 0, False, cost,
+                                                 self._dispatch_policy))
+                return request
+            if running and decide(rows, 1, running, True, cost,
+                                  self._dispatch_policy) is Dispatch.PASS_THROUGH:
+                self._dispatch([request], Dispatch.PASS_THROUGH)
+                return request
         self._queue.append(request)
-        running = len(self._running)
         # While batches run the collector sleeps: it is woken only when it could send
-        # something now (a worker is free and, beside a running batch, a batch is full).
-        if not running or (running < self._max_running and (
-                self._queue.rows >= policy.max_batch_size or policy.preferred_batch_sizes)):
+        # something now (a worker is free and, beside a running batch, a batch is full or
+        # worth a parallel run).
+        if not running or (running < self._max_running and self._worth_parallel()):
             self._wake()
         return request
+
+    def _worth_parallel(self) -> bool:
+        """Whether the queue holds a batch that may start beside a running one."""
+        queued = self._queue.rows
+        policy = self._dispatch_policy
+        return (queued >= policy.max_batch_size or bool(policy.preferred)
+                or self._execution.cost.cost_us(min(queued, policy.max_batch_size))
+                >= policy.split_min_us)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -177,8 +208,8 @@ class Batcher:
 
     async def _collect_forever(self) -> None:
         try:
-            while (batch := await self._next_batch()) is not None:
-                self._dispatch(batch)
+            while (offer := await self._next_batch()) is not None:
+                self._dispatch(*offer)
         except Exception:  # a bug here must not leave callers waiting forever
             log.exception("%s: the batcher stopped", self._where)
             self._fail_queued(lambda: InferenceFailed(f"{self._where}: internal batcher error"))
@@ -186,7 +217,7 @@ class Batcher:
         finally:  # drained, aborted or failed: nothing can be queued any more
             self._metrics.untrack_queue(self._queue)
 
-    async def _next_batch(self) -> list[QueuedRequest] | None:
+    async def _next_batch(self) -> tuple[list[QueuedRequest], Dispatch] | None:
         while True:
             if not self._queue:
                 if self._draining:
@@ -194,18 +225,25 @@ class Batcher:
                     return None
                 await self._sleep(None)
                 continue
-            if len(self._running) >= self._max_running:
+            running = len(self._execution)
+            if running >= self._max_running:
                 await self._sleep(None)  # woken when a batch finishes
                 continue
-            busy = bool(self._running)
-            if self._gather_next and not busy:
+            if self._gather_next and not running:
                 self._gather_next = False
                 await self._gather()
                 continue  # look again: a deadline or abort() may have emptied the queue
-            plan = self._queue.plan(time.monotonic(), busy=busy)
+            plan = self._queue.plan(time.monotonic(),
+                                    busy=bool(running) and not self._worth_parallel())
             if isinstance(plan, int):
+                rows = self._queue.rows_of(plan)
+                choice = decide(rows, plan, running, plan < len(self._queue) or plan > 1,
+                                self._execution.cost.cost_us(rows), self._dispatch_policy)
+                if choice is Dispatch.WAIT:
+                    await self._sleep(None)  # woken when a batch finishes
+                    continue
                 self._gather_next = plan > 1
-                return self._queue.take(plan)
+                return self._queue.take(plan), choice
             await self._sleep(plan)
 
     async def _gather(self) -> None:
@@ -229,59 +267,23 @@ class Batcher:
             if idle >= GATHER_PATIENCE:
                 return
 
-    def _dispatch(self, batch: list[QueuedRequest]) -> None:
-        """Send the live requests of ``batch`` to a worker; :meth:`_finish` gets the outcome."""
-        now, now_ns = time.monotonic(), time.monotonic_ns()
-        live = []
-        for request in batch:
-            if request.deadline is not None and request.deadline <= now:
-                _fail(request, DeadlineExceeded(f"{self._where}: the deadline passed in the "
-                                                "queue; the request was dropped before compute"))
-            if request.future.done():  # expired just now, or the caller went away
-                continue
-            queued_ns = now_ns - request.arrival_ns
-            self._stats.record_queue(queued_ns)
-            self._metrics.queue_duration.observe(queued_ns / 1e9)
-            if request.trace is not None:
-                tracing.dispatched(request.trace, now_ns)
-            live.append(request)
-        if not live:
-            return
-        batch_id = self._batch_ids = self._batch_ids + 1
-        self._running[batch_id] = live
-        try:
-            call_in_thread(self._executor, run_merged,
-                           (self._runner, [r.inputs for r in live], [r.rows for r in live],
-                            [r.outputs for r in live]),
-                           functools.partial(self._finish, batch_id))
-        except RuntimeError:  # the executor was shut down: the server is stopping
-            del self._running[batch_id]
-            for request in live:
-                _fail(request, ServerShuttingDown(
-                    f"{self._where}: the server stopped before the batch ran"))
+    def _dispatch(self, batch: list[QueuedRequest], choice: Dispatch) -> None:
+        if self._execution.start(batch, choice):
+            self._probe_after_inline()
 
-    def _finish(self, batch_id: int, outcome: tuple[list[Result], BatchTimings] | None,
-                error: BaseException | None) -> None:
-        """A batch came back from its worker (on the loop): answer its requests."""
-        live = self._running.pop(batch_id, None)
-        self._wake()  # a worker is free
-        if live is None:  # aborted meanwhile: its requests have failed already
-            return
-        if outcome is None:
-            log.error("%s: a batch of %d requests failed", self._where, len(live),
-                      exc_info=error)
-            for request in live:
-                _fail(request, InferenceFailed(f"{self._where}: inference failed: {error}"))
-            return
-        results, timings = outcome
-        rows = sum(r.rows for r in live)
-        self._stats.record_execution(rows, len(live), timings)
-        self._metrics.execution(rows, timings.infer_ns / 1e9)
-        if tracing.TRACING_ENABLED:
-            tracing.batch_finished(live, batch_id, rows, timings)
-        for request, result in zip(live, results, strict=True):
-            if not request.future.done():
-                request.future.set_result(result)
+    def _probe_after_inline(self) -> None:
+        """For PROBE_ROUNDS loop rounds, let arrivals queue (and batch) rather than run
+        inline one by one: they may have piled up while the loop ran the model."""
+        self._gather_next = True
+        asyncio.get_running_loop().call_soon(self._probe, PROBE_ROUNDS)
+
+    def _probe(self, rounds: int) -> None:
+        if self._queue or not self._gather_next:
+            return  # company came: the collector gathers it
+        if rounds > 1:
+            asyncio.get_running_loop().call_soon(self._probe, rounds - 1)
+        else:
+            self._gather_next = False  # nobody came: the next lone request may run inline
 
     async def drain(self) -> None:
         """Finish every queued and running request, then close (later submits: ModelNotReady).
@@ -293,7 +295,7 @@ class Batcher:
         self._wake()
         if self._task is not None:
             await asyncio.wait({self._task})  # not cancelled with us; survives abort()
-        while self._running:  # _finish (or abort) wakes us as batches end
+        while self._execution:  # a batch ending (or abort) wakes us
             await self._sleep(None)
         self._closed = True
 
@@ -302,11 +304,7 @@ class Batcher:
         self._closed = True
         self._fail_queued(lambda: ServerShuttingDown(
             f"{self._where}: the server stopped before the request was computed"))
-        running, self._running = self._running, {}
-        for live in running.values():
-            for request in live:
-                _fail(request, ServerShuttingDown(
-                    f"{self._where}: the server stopped before the batch finished"))
+        self._execution.fail_running()
         self._wake()  # a drain() waiting for running batches
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -314,12 +312,7 @@ class Batcher:
 
     def _fail_queued(self, error: Callable[[], ServingError]) -> None:
         for request in self._queue.take(len(self._queue)):
-            _fail(request, error())
-
-
-def _fail(request: QueuedRequest, error: BaseException) -> None:
-    if not request.future.done():
-        request.future.set_exception(error)
+            request.fail(error())
 
 
 def _release(waiter: asyncio.Future[None]) -> None:

@@ -55,6 +55,11 @@ class QueuedRequest:
         self.queued = False  # in a RequestQueue (not yet taken, expired or cancelled)
         self.trace: RequestTrace | None = None  # set only while tracing is on (tracing.py)
 
+    def fail(self, error: BaseException) -> None:
+        """Answer the caller with ``error`` unless it was answered (or left) already."""
+        if not self.future.done():
+            self.future.set_exception(error)
+
 
 class RequestQueue:
     """The waiting requests of one version; ``where`` names the version in messages."""
@@ -90,6 +95,12 @@ class RequestQueue:
             self.rows -= request.rows
             if not self._items:
                 self._cancel_sweep()
+
+    def rows_of(self, count: int) -> int:
+        """Rows of the ``count`` oldest requests (what :meth:`take` would return)."""
+        if count >= len(self._items):
+            return self.rows
+        return sum(self._items[i].rows for i in range(count))
 
     def take(self, count: int) -> list[QueuedRequest]:
         """Remove and return the ``count`` oldest requests."""
@@ -149,11 +160,10 @@ class RequestQueue:
         expired = [r for r in self._items if r.deadline is not None and r.deadline <= now]
         for request in expired:
             self.forget(request)
-            if not request.future.done():
-                waited_ms = (now - request.arrival) * 1e3
-                request.future.set_exception(DeadlineExceeded(
-                    f"{self._where}: the deadline passed after {waited_ms:.1f} ms in the "
-                    "queue; the request was dropped before compute"))
+            waited_ms = (now - request.arrival) * 1e3
+            request.fail(DeadlineExceeded(
+                f"{self._where}: the deadline passed after {waited_ms:.1f} ms in the queue; "
+                "the request was dropped before compute"))
         upcoming = [r.deadline for r in self._items if r.deadline is not None]
         if upcoming:
             self._arm_sweep(min(upcoming))

@@ -25,14 +25,20 @@ class Runner(Protocol):
         ...
 
 
+Merged = tuple[list[dict[str, Array]], BatchTimings, int]
+
+
 def run_merged(runner: Runner, inputs: Sequence[Mapping[str, Array]], rows: Sequence[int],
-              outputs: Sequence[Sequence[str]]) -> tuple[list[dict[str, Array]], BatchTimings]:
+               outputs: Sequence[Sequence[str]]) -> Merged:
     """Run several requests as one model run (blocking; called inline or in a worker thread).
 
     ``inputs[i]`` holds request i's tensors with ``rows[i]`` rows; ``outputs[i]`` names the
     outputs it wants (empty: all). Inputs are concatenated once (a lone request is passed as
-    it is, without a copy); outputs come back as views into the batch's arrays. Raises
-    whatever the runner raises, or RuntimeError if an output's row count is not the batch's.
+    it is, without a copy); outputs come back as views into the batch's arrays. Returns
+    (each request's outputs, the batch's timings, the CPU time the calling thread spent in
+    the model run, ns: the run's cost without the time other processes took the core).
+    Raises whatever the runner raises, or RuntimeError if an output's row count is not the
+    batch's.
     """
     t0 = time.perf_counter_ns()
     if len(inputs) == 1:
@@ -40,9 +46,9 @@ def run_merged(runner: Runner, inputs: Sequence[Mapping[str, Array]], rows: Sequ
     else:
         feeds = {name: np.concatenate([x[name] for x in inputs]) for name in inputs[0]}
     total = sum(rows)
-    t1 = time.perf_counter_ns()
+    t1, cpu = time.perf_counter_ns(), time.thread_time_ns()
     results = runner.run(feeds)
-    t2 = time.perf_counter_ns()
+    t2, cpu = time.perf_counter_ns(), time.thread_time_ns() - cpu
     for name, value in results.items():
         got = value.shape[0] if value.ndim else 0
         if got != total:
@@ -53,4 +59,4 @@ def run_merged(runner: Runner, inputs: Sequence[Mapping[str, Array]], rows: Sequ
         split.append({k: results[k][offset:offset + n] if len(rows) > 1 else results[k]
                       for k in (wanted or results)})
         offset += n
-    return split, BatchTimings(t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+    return split, BatchTimings(t1 - t0, t2 - t1, time.perf_counter_ns() - t2), cpu

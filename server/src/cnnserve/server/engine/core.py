@@ -22,6 +22,7 @@ from cnnserve.common.datatypes import Array
 from cnnserve.common.errors import CnnserveError
 from cnnserve.common.repository import MODEL_NAME, ModelPolicy
 from cnnserve.server.batching.batcher import Batcher, BatchPolicy
+from cnnserve.server.batching.threads import ThreadSplit, detect_cores, resolve_split
 from cnnserve.server.engine.model_source import VersionSource, load_version, read_model_policy
 from cnnserve.server.engine.names import checked
 from cnnserve.server.engine.repository import IndexEntry, Repository
@@ -48,13 +49,18 @@ class EngineOptions:
     poll_interval_s: float = 5.0
     #: Default execution provider; model.json ``device`` overrides it per model.
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    intra_op_threads: int = 1  # 0 = ONNX Runtime's default (one per core); see Settings
+    #: ONNX Runtime threads per batch; None: from the cores (batching/threads.py), 0: ORT's
+    #: default (one per core). model.json ``intra_op_threads`` overrides it per model.
+    intra_op_threads: int | None = None
     inter_op_threads: int = 0
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     warmup: bool = True
     #: Threads running ONNX Runtime batches, shared by all models; also how many batches of
-    #: one version may run at once unless its model.json sets instance_count.
-    execution_workers: int = 2
+    #: one version may run at once unless its model.json sets instance_count. None: from the
+    #: cores, so that workers x intra-op threads fits them (batching/threads.py).
+    execution_workers: int | None = None
+    #: Usable cores the defaults are sized for; None: detected (affinity, cgroup quota).
+    cores: int | None = None
     #: Server-wide batching defaults for models whose model.json does not set them.
     max_queue_delay_us: int | None = None
     max_queue_size: int | None = None
@@ -87,6 +93,7 @@ class LoadedModel:
         self._batched = config.max_batch_size > 0
         self.providers = runtime.providers
         self.instance_count = batcher.max_running  # batches that may run at once
+        self.intra_op_threads = runtime.intra_op_threads  # ONNX Runtime threads per run
         self._runtime = runtime
         self._batcher = batcher
         self._stats = stats
@@ -112,6 +119,11 @@ class LoadedModel:
     def labels_for(self, output: str) -> tuple[str, ...]:
         """Class labels of ``output`` for the classification extension (may be empty)."""
         return self.source.output_labels.get(output, self.config.labels)
+
+    @property
+    def dispatched(self) -> dict[str, int]:
+        """Batches run so far by where they ran: inline, handoff, pass_through."""
+        return {d.value: n for d, n in self._batcher.dispatched.items() if d.value != "wait"}
 
     def statistics(self) -> VersionStats:
         """Cumulative statistics since this version was loaded."""
@@ -140,7 +152,11 @@ class Engine:
     def __init__(self, options: EngineOptions, metrics: Metrics) -> None:
         self._options = options
         self._metrics = metrics
-        self._executor = ThreadPoolExecutor(options.execution_workers,
+        cores = options.cores or detect_cores()
+        self._split = resolve_split(cores, options.execution_workers, options.intra_op_threads)
+        log.info("%d usable cores: %d execution workers x %d intra-op threads", cores,
+                 self._split.workers, self._split.intra_op_threads)
+        self._executor = ThreadPoolExecutor(self._split.workers,
                                             thread_name_prefix="cnnserve-ort")
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="cnnserve-load")
         self._gate = _Gate()
@@ -199,7 +215,9 @@ class Engine:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         opts = self._options
-        runtime_options = RuntimeOptions(opts.device, opts.intra_op_threads,
+        threads = (self._split.intra_op_threads if policy.intra_op_threads is None
+                   else policy.intra_op_threads)
+        runtime_options = RuntimeOptions(opts.device, threads,
                                          opts.inter_op_threads, opts.graph_optimization,
                                          opts.warmup)
         source, runtime = await loop.run_in_executor(self._loader, load_version, name, folder,
@@ -216,7 +234,7 @@ class Engine:
             self._executor, [t.name for t in config.outputs], where=where,
             stats=(stats := StatsRecorder(name, version)),
             metrics=self._metrics.for_version(name, version),
-            max_running=policy.instance_count or opts.execution_workers)
+            max_running=policy.instance_count or self._split.workers)
         batcher.start()
         seconds = time.monotonic() - started
         self._metrics.model_loaded(name, version, seconds, runtime.providers)
@@ -240,6 +258,11 @@ class Engine:
                 await asyncio.gather(*(closing[task].abort() for task in late))
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def thread_split(self) -> ThreadSplit:
+        """Execution workers and default intra-op threads per batch, as resolved at start."""
+        return self._split
 
     def begin_drain(self) -> None:
         """From now on new infer() calls raise ServerShuttingDown."""

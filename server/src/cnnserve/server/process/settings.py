@@ -59,16 +59,16 @@ class Settings:
     poll_interval_s: float = option(5.0,
         "seconds between repository scans in poll mode (default: 5)", flag="--poll-interval",
         aliases=("--repository-poll-secs",))
-    intra_op_threads: int = option(1,
-        "ONNX Runtime intra-op threads per session; 0 = its default, one per core. 1 costs "
-        "the least CPU per image: batches are spread over the execution workers instead "
-        "(LeNet on 2 cores: 11 us of CPU per image at batch 16 with 1 thread, 18 with 2) "
-        "(default: 1)")
+    intra_op_threads: int | None = option(None,
+        "ONNX Runtime intra-op threads per batch; 0 = its default, one per core; a model's "
+        "model.json intra_op_threads overrides it (default: from the usable cores so that "
+        "threads x execution workers fits them: 1 on up to 3 cores, 2 on 4-15, 4 on 16-63)")
     inter_op_threads: int = option(0,
         "ONNX Runtime inter-op threads per session; 0 = its default (default: 0)")
-    execution_workers: int = option(2,
-        "threads that run ONNX Runtime; also the most batches one model runs at once (the "
-        "first whenever requests wait, each further one only for a full batch) (default: 2)")
+    execution_workers: int | None = option(None,
+        "threads that run ONNX Runtime batches; also the most batches one model runs at once "
+        "unless its model.json sets instance_count (default: usable cores / intra-op threads; "
+        "cores = CPU affinity capped by the cgroup CPU quota)")
     graph_optimization: GraphOptimization = option("all",
         "ONNX Runtime graph optimisation level (default: all)")
     warmup: bool = option(True,
@@ -139,8 +139,10 @@ class Settings:
                                     f"got {getattr(self, name)}")
         positive = ("execution_workers", "max_message_bytes", "poll_interval_s")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise CnnserveError(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
+        if self.intra_op_threads is not None and self.intra_op_threads < 0:
+            raise CnnserveError(f"--intra-op-threads must be >= 0, got {self.intra_op_threads}")
         if self.grace_period_s < 0:
             raise CnnserveError(f"--grace-period must be >= 0, got {self.grace_period_s}")
         if not -1 <= self.http_port <= 65535:

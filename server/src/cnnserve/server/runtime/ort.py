@@ -55,6 +55,8 @@ class OrtRuntime:
         self._outputs = [t.name for t in config.outputs]
         self._strings = frozenset(t.name for t in config.inputs if t.datatype == "BYTES")
         self.providers: tuple[str, ...] = tuple(session.get_providers())
+        #: Intra-op threads per run as configured (0: ONNX Runtime's default).
+        self.intra_op_threads: int = session.get_session_options().intra_op_num_threads
 
     def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
         """Run one batch and return every output of config.json by name."""
