@@ -128,7 +128,7 @@ def test_the_runtime_serves_the_storage_initializer_layout(tmp_path: Path) -> No
                                template={"Name": name, "Namespace": "default"})
     assert launch.declared_ports == {"grpc": container_port(container, "h2c"),
                                      "metrics": 8002}
-    assert launch.env["CNNSERVE_EXECUTION_WORKERS"] == "2"
+    assert launch.env["CNNSERVE_CPUS"] == "2"
     with run_server(launch, tmp_path) as running:
         wait_serving(running.address, container["readinessProbe"]["grpc"]["service"])
         for probe in ("readinessProbe", "livenessProbe"):

@@ -186,8 +186,8 @@ def test_threads_follow_the_cpu_limit_through_the_downward_api(
     _, docs = overlay
     server = server_container(docs)
     env = {v["name"]: v for v in server["env"]}
-    assert env["CNNSERVE_INTRA_OP_THREADS"]["value"] == "1"
-    ref = env["CNNSERVE_EXECUTION_WORKERS"]["valueFrom"]["resourceFieldRef"]
+    assert "CNNSERVE_INTRA_OP_THREADS" not in env and "CNNSERVE_EXECUTION_WORKERS" not in env
+    ref = env["CNNSERVE_CPUS"]["valueFrom"]["resourceFieldRef"]
     assert ref == {"containerName": "server", "resource": "limits.cpu", "divisor": "1"}
 
 
@@ -330,7 +330,7 @@ def test_the_deployment_serves_as_rendered(cpu: list[Doc], tmp_path: Path) -> No
     _make_read_only(repository)
     try:
         launch = container_command(server, paths, {("cnnserve-token", "token"): TOKEN})
-        assert launch.env["CNNSERVE_EXECUTION_WORKERS"] == "2"  # the overlay's 2-core limit
+        assert launch.env["CNNSERVE_CPUS"] == "2"  # the overlay's 2-core limit
         assert launch.declared_ports == {"grpc": container_port(server, "grpc"),
                                          "metrics": container_port(server, "metrics")}
         with run_server(launch, tmp_path) as running:

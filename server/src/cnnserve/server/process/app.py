@@ -149,6 +149,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         poll_interval_s=settings.poll_interval_s,
         device=settings.device,
         intra_op_threads=settings.intra_op_threads, inter_op_threads=settings.inter_op_threads,
+        cores=settings.cpus,
         graph_optimization=settings.graph_optimization,
         warmup=settings.warmup, execution_workers=settings.execution_workers,
         max_queue_delay_us=settings.max_queue_delay_us, max_queue_size=settings.max_queue_size,

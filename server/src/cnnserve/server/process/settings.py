@@ -63,6 +63,10 @@ class Settings:
         "ONNX Runtime intra-op threads per batch; 0 = its default, one per core; a model's "
         "model.json intra_op_threads overrides it (default: from the usable cores so that "
         "threads x execution workers fits them: 1 on up to 3 cores, 2 on 4-15, 4 on 16-63)")
+    cpus: int | None = option(None,
+        "usable cores the thread defaults are sized for, e.g. a container's CPU limit (Kubernetes "
+        "passes limits.cpu through the Downward API) (default: the CPU affinity capped by the "
+        "cgroup CPU quota)")
     inter_op_threads: int = option(0,
         "ONNX Runtime inter-op threads per session; 0 = its default (default: 0)")
     execution_workers: int | None = option(None,
@@ -137,7 +141,7 @@ class Settings:
             if not 0 <= getattr(self, name) <= 65535:
                 raise CnnserveError(f"{flag_of(name)} must be in 0..65535, "
                                     f"got {getattr(self, name)}")
-        positive = ("execution_workers", "max_message_bytes", "poll_interval_s")
+        positive = ("execution_workers", "max_message_bytes", "poll_interval_s", "cpus")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise CnnserveError(f"{flag_of(name)} must be positive, got {getattr(self, name)}")
