@@ -16,6 +16,7 @@ import pytest
 
 from cnnserve.common.errors import CnnserveError
 from cnnserve.common.repository import ConfigError, DynamicBatching, ModelPolicy
+from cnnserve.server.batching.dispatch import DispatchPolicy
 from cnnserve.server.batching.threads import ThreadSplit
 from cnnserve.server.engine import core as engine_module
 from cnnserve.server.engine.core import Engine, EngineOptions, IndexEntry
@@ -357,7 +358,11 @@ async def test_every_dispatch_mode_returns_each_caller_its_own_rows(
     write_test_model(model_repo, "m", 1)
     write_test_model(model_repo, "slow", 1, kind="slow", slow_iterations=100_000,
                      policy=ModelPolicy(instance_count=2))
-    engine = await make_engine(execution_workers=2)
+    # Inline up to 20 ms of measured work: the tiny linear model is far below it on any host
+    # (even a loaded CI runner), the slow model (0.5-2 s a run) far above. The default
+    # threshold (0.5 ms) would make "cheap" depend on the machine's load.
+    engine = await make_engine(execution_workers=2,
+                               dispatch=DispatchPolicy(inline_max_us=20_000))
     cheap, slow = engine.get("m"), engine.get("slow")
     for seed in (1, 2, 3, 4):  # unknown cost: a worker; then measured cheap: inline
         x = images(2, seed=seed)

@@ -22,6 +22,7 @@ from cnnserve.common.datatypes import Array
 from cnnserve.common.errors import CnnserveError
 from cnnserve.common.repository import MODEL_NAME, ModelPolicy
 from cnnserve.server.batching.batcher import Batcher, BatchPolicy
+from cnnserve.server.batching.dispatch import DispatchPolicy
 from cnnserve.server.batching.threads import ThreadSplit, detect_cores, resolve_split
 from cnnserve.server.engine.model_source import VersionSource, load_version, read_model_policy
 from cnnserve.server.engine.names import checked
@@ -61,6 +62,9 @@ class EngineOptions:
     execution_workers: int | None = None
     #: Usable cores the defaults are sized for; None: detected (affinity, cgroup quota).
     cores: int | None = None
+    #: Where batches run (inline, hand-off, pass-through thresholds); None: the measured
+    #: defaults of batching/dispatch.py.
+    dispatch: DispatchPolicy | None = None
     #: Server-wide batching defaults for models whose model.json does not set them.
     max_queue_delay_us: int | None = None
     max_queue_size: int | None = None
@@ -234,7 +238,8 @@ class Engine:
             self._executor, [t.name for t in config.outputs], where=where,
             stats=(stats := StatsRecorder(name, version)),
             metrics=self._metrics.for_version(name, version),
-            max_running=policy.instance_count or self._split.workers)
+            max_running=policy.instance_count or self._split.workers,
+            dispatch=self._options.dispatch)
         batcher.start()
         seconds = time.monotonic() - started
         self._metrics.model_loaded(name, version, seconds, runtime.providers)
