@@ -8,7 +8,8 @@ batching and no validation: what you get without a serving system.
 a worker thread running ONNX Runtime (one intra-op thread), split, answer. No validation,
 metrics, deadlines or error handling: the floor under cnnserve's design.
 
-All three serve one FP32 ONNX model under whatever model name is asked for and answer what
+All three serve one ONNX model (float32 or uint8 input, float32 outputs) under whatever
+model name is asked for and answer what
 perf_analyzer needs: ServerMetadata, ModelMetadata, ModelConfig (``max_batch_size`` > 0),
 ModelStatistics (request, row and execution counts; durations all zero) and raw output tensors.
 The wire types are tritonclient's generated stubs (Triton's own proto), not cnnserve's.
@@ -40,6 +41,11 @@ def _session(model: str, intra_op_threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+#: ONNX Runtime's type string -> (protocol datatype, numpy dtype, model-config enum name).
+_TYPES = {"tensor(float)": ("FP32", np.float32, "TYPE_FP32"),
+          "tensor(uint8)": ("UINT8", np.uint8, "TYPE_UINT8")}
+
+
 def _dims(shape: list[Any]) -> list[int]:
     """The shape without its batch axis; a symbolic dimension becomes -1."""
     return [d if isinstance(d, int) else -1 for d in shape[1:]]
@@ -52,6 +58,9 @@ class ConstantServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         self._session = session
         self._inputs = [(i.name, _dims(i.shape)) for i in session.get_inputs()]
         self._outputs = [(o.name, _dims(o.shape)) for o in session.get_outputs()]
+        # The input's datatype as the graph declares it: float32, or the uint8 pixels that
+        # `cnnserve export` writes by default. Outputs are float32.
+        self._in_type = _TYPES[session.get_inputs()[0].type]
         self._cache: dict[int, pb.ModelInferResponse] = {}
         self.requests = self.rows = self.executions = 0
         self._names: set[str] = set()  # model names asked about: the ones statistics list
@@ -69,7 +78,8 @@ class ConstantServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         rows = int(spec.shape[0])
         self.requests += 1
         self.rows += rows
-        return np.frombuffer(request.raw_input_contents[0], np.float32).reshape(list(spec.shape))
+        return np.frombuffer(request.raw_input_contents[0], self._in_type[1]).reshape(
+            list(spec.shape))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: object
                          ) -> pb.ModelInferResponse:
@@ -104,7 +114,7 @@ class ConstantServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         meta = pb.ModelMetadataResponse(name=request.name, versions=["1"],
                                         platform="onnxruntime_onnx")
         for name, dims in self._inputs:
-            meta.inputs.add(name=name, datatype="FP32", shape=[-1, *dims])
+            meta.inputs.add(name=name, datatype=self._in_type[0], shape=[-1, *dims])
         for name, dims in self._outputs:
             meta.outputs.add(name=name, datatype="FP32", shape=[-1, *dims])
         return meta
@@ -114,7 +124,7 @@ class ConstantServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[mi
         config = mc.ModelConfig(name=request.name, platform="onnxruntime_onnx",
                                 backend="onnxruntime", max_batch_size=MAX_BATCH_SIZE)
         for name, dims in self._inputs:
-            config.input.add(name=name, data_type=mc.TYPE_FP32, dims=dims)
+            config.input.add(name=name, data_type=getattr(mc, self._in_type[2]), dims=dims)
         for name, dims in self._outputs:
             config.output.add(name=name, data_type=mc.TYPE_FP32, dims=dims)
         return pb.ModelConfigResponse(config=config)
@@ -201,7 +211,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["constant", "naive", "batched"])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--model", required=True, help="the FP32 model.onnx to serve")
+    parser.add_argument("--model", required=True, help="the model.onnx to serve")
     args = parser.parse_args()
     asyncio.run(serve(args.kind, args.port, args.model))
 

@@ -27,7 +27,10 @@ def measure(model: Path, batch: int, threads: int, seconds: float) -> dict[str, 
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     spec = session.get_inputs()[0]
     shape = [batch, *(int(d) for d in spec.shape[1:])]
-    feed = {spec.name: np.random.default_rng(0).random(shape, dtype=np.float32)}
+    rng = np.random.default_rng(0)
+    data = (rng.integers(0, 256, shape, dtype=np.uint8) if spec.type == "tensor(uint8)"
+            else rng.random(shape, dtype=np.float32))
+    feed = {spec.name: data}
     for _ in range(3):
         session.run(None, feed)
     latencies: list[float] = []
