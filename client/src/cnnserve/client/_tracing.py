@@ -53,21 +53,11 @@ def configure(environ: Mapping[str, str]) -> Any:
     """For command-line tools: export spans over OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT``
     (or ``..._TRACES_ENDPOINT``) is set and the ``otel`` extra is installed. Returns the
     provider (call ``shutdown()`` on it before exiting, to flush) or None."""
-    if not (environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-            or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+    from cnnserve.common.otel import otlp_provider
+
+    provider = otlp_provider(environ, "cnnserve-client")
+    if provider is None:
         return None
-    try:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    except ImportError as exc:
-        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed "
-                    "(%s); install 'cnnserve[otel]'", exc.name)
-        return None
-    provider = TracerProvider(resource=Resource.create(
-        {"service.name": environ.get("OTEL_SERVICE_NAME", "cnnserve-client")}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     if _trace is not None:
         _trace.set_tracer_provider(provider)
     return provider

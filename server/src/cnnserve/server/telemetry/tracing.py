@@ -74,23 +74,14 @@ def configure(environ: Mapping[str, str]) -> bool:
     Called once by ``cnnserve serve``'s main. Without an endpoint it does nothing; with one
     but without the ``otel`` extra it logs a warning (the server still serves, untraced).
     """
-    if not (environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-            or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+    from cnnserve.common.otel import otlp_provider
+
+    provider = otlp_provider(environ, "cnnserve")
+    if provider is None:
         return False
-    try:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    except ImportError as exc:
-        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed "
-                    "(%s); install 'cnnserve[otel]' to export traces", exc.name)
-        return False
-    service = environ.get("OTEL_SERVICE_NAME", "cnnserve")
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     enable(provider)
-    log.info("tracing: exporting spans over OTLP as service %r", service)
+    log.info("tracing: exporting spans over OTLP as service %r",
+             environ.get("OTEL_SERVICE_NAME", "cnnserve"))
     return True
 
 
